@@ -1,0 +1,41 @@
+"""fastinf: fast training-data influence for LoRA-tuned models.
+
+Public re-exports only. Importing fastinf never compiles anything or touches CUDA.
+Sign convention everywhere: a score is the derivative of the test loss with respect to up-weighting
+the training example, so positive = harmful, negative = helpful (METHODS.md §0).
+"""
+
+__version__ = "0.1.0"
+
+from . import ops
+from .estimators import (
+    DataInf,
+    DiagonalFisher,
+    Estimator,
+    Exact,
+    HessianFree,
+    LiSSA,
+    RRInf,
+    RRInfFixedPoint,
+    available_methods,
+    get_estimator,
+    influence,
+)
+from .gradients import GradientSet
+
+__all__ = [
+    "DataInf",
+    "DiagonalFisher",
+    "Estimator",
+    "Exact",
+    "GradientSet",
+    "HessianFree",
+    "LiSSA",
+    "RRInf",
+    "RRInfFixedPoint",
+    "__version__",
+    "available_methods",
+    "get_estimator",
+    "influence",
+    "ops",
+]

@@ -1,0 +1,297 @@
+"""Common machinery of the gradient-based estimators: options, damping, scoring, top-k, registry.
+
+Every gradient-based estimator of METHODS.md §1–6 is *linear* in the test gradient:
+
+    I(i, j) = − Σ_l ⟨ a_l(t_j), b_l(g_i) ⟩
+
+with a "test side" a_l (a preconditioner applied to the test vectors, e.g. DataInf's h_l or LiSSA's
+recursion) and a "train side" b_l (the training gradients, or training gradients preconditioned at
+fit time, e.g. Exact's (G + λI)⁻¹ g_i). ``score`` and ``topk`` are built on those two sides: ``topk``
+walks over chunks of training examples and never forms the (m, n) matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..gradients.gradient_set import GradientSet, align_test
+
+log = logging.getLogger("fastinf")
+
+__all__ = [
+    "Estimator",
+    "EstimatorOptions",
+    "available_methods",
+    "get_estimator",
+    "influence",
+    "register",
+]
+
+_REGISTRY: dict[str, type[Estimator]] = {}
+
+
+def register(cls: type[Estimator]) -> type[Estimator]:
+    """Class decorator: make an estimator reachable by its canonical ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Canonical names of the implemented methods (usable in :func:`influence` and the CLI)."""
+    return list(_REGISTRY)
+
+
+def get_estimator(method: str, **options: Any) -> Estimator:
+    """An estimator instance by canonical name (``"datainf"``, ``"exact"``, ...)."""
+    key = method.strip().lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown method {method!r}; available: {available_methods()}")
+    return _REGISTRY[key](**options)
+
+
+def influence(
+    train: GradientSet, test: GradientSet, method: str = "datainf", reduce: str | None = None, **options: Any
+) -> torch.Tensor:
+    """One-call influence: ``get_estimator(method, **options).fit(train).score(test, reduce=reduce)``.
+
+    Returns (m, n) scores, or (n,) with ``reduce="mean"``; positive = harmful (METHODS.md §0).
+    """
+    return get_estimator(method, **options).fit(train).score(test, reduce=reduce)
+
+
+def _as_dtype(x: Any, fieldname: str) -> torch.dtype | None:
+    if x is None:
+        return None
+    if isinstance(x, str):
+        x = getattr(torch, x.replace("torch.", ""), None)
+    if not isinstance(x, torch.dtype) or not x.is_floating_point:
+        raise ValueError(f"{fieldname} must be a floating torch dtype (e.g. torch.float64 or 'float32'), got {x!r}")
+    return x
+
+
+@dataclass
+class EstimatorOptions:
+    """Options shared by the gradient-based estimators."""
+
+    damping: float | str = field(
+        default="auto",
+        metadata={"help": "'auto' = damping_factor × mean squared gradient entry (METHODS.md §0), or an absolute λ"},
+    )
+    damping_factor: float = field(default=0.1, metadata={"help": "coefficient of the 'auto' rule (0.1 in both papers)"})
+    blockwise: bool = field(default=False, metadata={"help": "per-block (True) or global (False) preconditioner"})
+    dtype: Any = field(default=None, metadata={"help": "compute dtype; default: input dtype promoted to float32"})
+    device: Any = field(default=None, metadata={"help": "compute device; default: the training gradients' device"})
+    backend: str = field(default="auto", metadata={"help": "'auto' | 'cuda' | 'triton' | 'torch' for fastinf.ops"})
+    chunk_size: int | None = field(
+        default=None, metadata={"help": "training examples per chunk in topk/self_influence (None: automatic)"}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.damping, str):
+            if self.damping != "auto":
+                raise ValueError(f"damping must be 'auto' or a non-negative float, got {self.damping!r}")
+        else:
+            if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
+                raise ValueError(f"damping must be 'auto' or a non-negative float, got {self.damping!r}")
+            if not math.isfinite(self.damping) or self.damping < 0:
+                raise ValueError(f"damping must be a finite non-negative float, got {self.damping}")
+            self.damping = float(self.damping)
+        if not (isinstance(self.damping_factor, (int, float)) and self.damping_factor > 0):
+            raise ValueError(f"damping_factor must be > 0, got {self.damping_factor!r}")
+        self.dtype = _as_dtype(self.dtype, "dtype")
+        if self.device is not None:
+            self.device = torch.device(self.device)
+        if self.backend not in ("auto", "cuda", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'cuda', 'triton' or 'torch', got {self.backend!r}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
+
+
+class Estimator:
+    """Base class. Subclasses set ``name``, ``Options`` and implement ``_fit`` and the two sides."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[EstimatorOptions]] = EstimatorOptions
+    requires_positive_damping: ClassVar[bool] = True
+    default_dtype: ClassVar[torch.dtype | None] = None  # None: input promoted to float32
+
+    def __init__(self, **options: Any) -> None:
+        valid = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; valid options: {sorted(valid)}")
+        self.options = self.Options(**options)
+        if self.requires_positive_damping and self.options.damping == 0.0:
+            raise ValueError(f"{type(self).__name__}: damping must be > 0 (it divides by λ)")
+        self.train_: GradientSet | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+    # ------------------------------------------------------------------------- fitting
+    def fit(self, train: GradientSet | torch.Tensor) -> Estimator:
+        """Fit on the training gradients (a GradientSet, or an (n, D) tensor). Returns ``self``."""
+        train = self._coerce(train, "train")
+        self.compute_dtype_ = self._compute_dtype(train)
+        self.train_ = train.to(device=self.options.device, dtype=self.compute_dtype_)
+        self.n_ = self.train_.n
+        self._fit()
+        return self
+
+    def _fit(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    @staticmethod
+    def _coerce(gs: Any, what: str) -> GradientSet:
+        if isinstance(gs, torch.Tensor):
+            if not gs.is_floating_point():
+                raise TypeError(f"{what} gradients must have a floating dtype, got {gs.dtype}")
+            return GradientSet.from_matrix(gs)
+        if not isinstance(gs, GradientSet):
+            raise TypeError(f"{what} must be a GradientSet or an (n, D) tensor, got {type(gs).__name__}")
+        return gs
+
+    def _compute_dtype(self, train: GradientSet) -> torch.dtype:
+        if self.options.dtype is not None:
+            return self.options.dtype
+        if self.default_dtype is not None:
+            return self.default_dtype
+        return torch.promote_types(train.dtype, torch.float32)
+
+    def _check_fitted(self) -> GradientSet:
+        if self.train_ is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(train) first")
+        return self.train_
+
+    def _prep_test(self, test: GradientSet | torch.Tensor) -> GradientSet:
+        train = self._check_fitted()
+        test = self._coerce(test, "test")
+        if isinstance(test, GradientSet) and test.names == ["all"] and train.names != ["all"]:
+            if test.dim != train.dim:
+                raise ValueError(f"test has width {test.dim} but the training gradients have D = {train.dim}")
+            m = test["all"]
+            off, blocks = 0, {}
+            for k, d in train.dims.items():
+                blocks[k] = m[:, off : off + d]
+                off += d
+            test = GradientSet(blocks, validate=False)
+        test = align_test(train, test)
+        return test.to(device=train.device, dtype=self.compute_dtype_)
+
+    # ------------------------------------------------------------------------- damping
+    def block_groups(self) -> list[list[str]]:
+        """Blocks preconditioned together: one group per block (blockwise) or one group of all."""
+        names = self._check_fitted().names
+        return [[k] for k in names] if self.options.blockwise else [names]
+
+    def damping_for(self, group: list[str]) -> float:
+        """Absolute λ of a block group: the explicit float, or factor × mean squared entry."""
+        if not isinstance(self.options.damping, str):
+            return self.options.damping
+        train = self._check_fitted()
+        tot = sum(float(train[k].pow(2).sum()) for k in group)
+        width = sum(train.dims[k] for k in group)
+        lam = self.options.damping_factor * tot / (train.n * width)
+        if not lam > 0 and self.requires_positive_damping:
+            raise ValueError(
+                f"{type(self).__name__}: the training gradients of {group[:3]}{'...' if len(group) > 3 else ''} are all "
+                "zero, so damping='auto' gives λ = 0; pass an explicit damping"
+            )
+        return lam
+
+    @property
+    def lambdas_(self) -> dict[str, float]:
+        """λ used for each block (blocks of one group share it)."""
+        return {k: self.damping_for(g) for g in self.block_groups() for k in g}
+
+    # ------------------------------------------------------------------------- the two sides
+    def _test_side(self, test: GradientSet) -> dict[str, torch.Tensor]:
+        """Preconditioned test vectors a_l(t): name -> (m, d_l). Default: identity."""
+        return {k: test[k] for k in test.names}
+
+    def _train_side(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Train side b_l(g_i) for examples start..stop: (c, d_l). Default: the gradients."""
+        return self.train_[name][start:stop]
+
+    def _score_cols(self, tside: dict[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+        out = None
+        for k, a in tside.items():
+            b = self._train_side(k, start, stop)
+            out = a @ b.T if out is None else out.addmm_(a, b.T)
+        return out.neg_()
+
+    def _chunk(self, m: int) -> int:
+        if self.options.chunk_size is not None:
+            return self.options.chunk_size
+        return max(256, min(self.n_, (1 << 24) // max(m, 1)))
+
+    # ------------------------------------------------------------------------- public API
+    def score(self, test: GradientSet | torch.Tensor, *, reduce: str | None = None) -> torch.Tensor:
+        """Influence of every training example on every test example.
+
+        Returns (m, n) with row j = test example j, column i = training example i, or (n,) for
+        ``reduce="mean"`` (influence on the mean test loss) / ``"sum"``. Positive = harmful.
+        """
+        test = self._prep_test(test)
+        if reduce not in (None, "mean", "sum"):
+            raise ValueError(f"reduce must be None, 'mean' or 'sum', got {reduce!r}")
+        if reduce is not None:
+            m = test.n
+            test = test.mean()
+            s = self._score(test)[0]
+            return s * m if reduce == "sum" else s
+        return self._score(test)
+
+    def _score(self, test: GradientSet) -> torch.Tensor:
+        tside = self._test_side(test)
+        return self._score_cols(tside, 0, self.n_)
+
+    def topk(
+        self, test: GradientSet | torch.Tensor, k: int, *, largest: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k largest (or smallest) scores per test example, without forming the (m, n) matrix.
+
+        Returns ``(values (m, k), indices (m, k))`` sorted like ``torch.topk``.
+        """
+        test = self._prep_test(test)
+        n = self.n_
+        if not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
+        return self._topk(test, k, largest)
+
+    def _topk(self, test: GradientSet, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        tside = self._test_side(test)
+        chunk = self._chunk(test.n)
+        vals = idx = None
+        for s in range(0, self.n_, chunk):
+            e = min(s + chunk, self.n_)
+            sc = self._score_cols(tside, s, e)
+            v, i = torch.topk(sc, min(k, e - s), dim=1, largest=largest)
+            i = i + s
+            if vals is None:
+                vals, idx = v, i
+            else:
+                vals, sel = torch.topk(torch.cat([vals, v], 1), min(k, vals.shape[1] + v.shape[1]), 1, largest=largest)
+                idx = torch.gather(torch.cat([idx, i], 1), 1, sel)
+        return vals, idx
+
+    def self_influence(self) -> torch.Tensor:
+        """I(i, i) with t = g_i for every training example: (n,). Positive = harmful."""
+        train = self._check_fitted()
+        chunk = self._chunk(train.n)
+        out = []
+        for s in range(0, train.n, chunk):
+            e = min(s + chunk, train.n)
+            tside = self._test_side(train.subset(slice(s, e)))
+            acc = None
+            for k, a in tside.items():
+                v = (a * self._train_side(k, s, e)).sum(1)
+                acc = v if acc is None else acc + v
+            out.append(-acc)
+        return torch.cat(out)

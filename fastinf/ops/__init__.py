@@ -1,0 +1,14 @@
+"""Numeric ops. Each has ``<op>_reference`` (pure PyTorch: CPU path and test oracle) and ``<op>``
+(dispatcher: CUDA extension > Triton > PyTorch, see :func:`backends`)."""
+
+from ._dispatch import backends
+from .datainf_inverse_sum import datainf_inverse_sum, datainf_inverse_sum_reference
+from .rrinf_row_updates import rrinf_row_updates, rrinf_row_updates_reference
+
+__all__ = [
+    "backends",
+    "datainf_inverse_sum",
+    "datainf_inverse_sum_reference",
+    "rrinf_row_updates",
+    "rrinf_row_updates_reference",
+]
