@@ -24,25 +24,36 @@ log = logging.getLogger("fastinf")
 __all__ = ["Exact", "spd_solve"]
 
 
-def spd_solve(A: torch.Tensor, B: torch.Tensor, floor: float) -> torch.Tensor:
-    """Solve A X = B for symmetric positive-definite A (Cholesky).
+class SPDFactor:
+    """A factorisation of a symmetric positive-definite matrix A, for repeated solves A X = B.
 
-    If the factorisation fails numerically, falls back to an eigendecomposition with eigenvalues
-    clamped at ``floor`` (a known lower bound of A's spectrum, e.g. nλ), and logs a warning.
+    Cholesky; if that fails numerically, an eigendecomposition with eigenvalues clamped at ``floor``
+    (a known lower bound of A's spectrum, e.g. nλ), with a logged warning.
     """
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0:
-        return torch.cholesky_solve(B, L)
-    log.warning(
-        "Cholesky failed (matrix %d×%d, dtype %s); using a clamped eigendecomposition. Consider dtype=torch.float64 "
-        "or a larger damping.",
-        A.shape[0],
-        A.shape[1],
-        A.dtype,
-    )
-    w, V = torch.linalg.eigh(A)
-    w = w.clamp_min(floor)
-    return V @ ((V.T @ B) / w[:, None])
+
+    def __init__(self, A: torch.Tensor, floor: float) -> None:
+        L, info = torch.linalg.cholesky_ex(A)
+        self.L = L if int(info) == 0 else None
+        if self.L is None:
+            log.warning(
+                "Cholesky failed (matrix %d×%d, dtype %s); using a clamped eigendecomposition. Consider "
+                "dtype=torch.float64 or a larger damping.",
+                A.shape[0],
+                A.shape[1],
+                A.dtype,
+            )
+            w, self.V = torch.linalg.eigh(A)
+            self.w = w.clamp_min(floor)
+
+    def solve(self, B: torch.Tensor) -> torch.Tensor:
+        if self.L is not None:
+            return torch.cholesky_solve(B, self.L)
+        return self.V @ ((self.V.T @ B) / self.w[:, None])
+
+
+def spd_solve(A: torch.Tensor, B: torch.Tensor, floor: float) -> torch.Tensor:
+    """Solve A X = B for symmetric positive-definite A (see :class:`SPDFactor`)."""
+    return SPDFactor(A, floor).solve(B)
 
 
 @dataclass
@@ -72,6 +83,7 @@ class Exact(Estimator):
         n = train.n
         self.M_: dict[str, torch.Tensor] = {}
         self.solves_: dict[tuple[str, ...], str] = {}
+        self.factors_: dict[tuple[str, ...], tuple[SPDFactor, float]] = {}
         for group in self.block_groups():
             lam = self.damping_for(group)
             width = sum(train.dims[k] for k in group)
@@ -85,18 +97,46 @@ class Exact(Estimator):
                     x = train[k]
                     K = x @ x.T if K is None else K.addmm_(x, x.T)
                 K.diagonal().add_(n * lam)
+                fac = SPDFactor(K, n * lam)
                 for k in group:
-                    self.M_[k] = spd_solve(K, train[k], n * lam).mul_(n)
+                    self.M_[k] = fac.solve(train[k]).mul_(n)
             else:
                 X = torch.cat([train[k] for k in group], dim=1) if len(group) > 1 else train[group[0]]
                 H = (X.T @ X).div_(n)
                 H.diagonal().add_(lam)
-                MT = spd_solve(H, X.T, lam)  # (D_g, n)
+                fac = SPDFactor(H, lam)
+                MT = fac.solve(X.T)  # (D_g, n)
                 off = 0
                 for k in group:
                     d = train.dims[k]
                     self.M_[k] = MT[off : off + d].T.contiguous()
                     off += d
+            self.factors_[tuple(group)] = (fac, lam)
+
+    def inverse_hvp(self, test) -> dict[str, torch.Tensor]:
+        """(G + λI)⁻¹ t for every test vector, per block: name -> (m, d_l) (the test-side form).
+
+        n-space groups use Woodbury, (G + λI)⁻¹ t = (t − Φ (K + nλI)⁻¹ Φᵀ t) / λ; d-space groups the
+        cached Cholesky factor. ``score(test)`` equals −Σ_l inverse_hvp(test)_l Φ_lᵀ.
+        """
+        test = self._prep_test(test)
+        train, out = self.train_, {}
+        for group in self.block_groups():
+            fac, lam = self.factors_[tuple(group)]
+            if self.solves_[tuple(group)] == "n":
+                P = sum(train[k] @ test[k].T for k in group)  # (n, m)
+                C = fac.solve(P)  # (K + nλI)⁻¹ Φᵀ t
+                for k in group:
+                    out[k] = (test[k] - C.T @ train[k]) / lam
+            else:
+                T = torch.cat([test[k] for k in group], 1) if len(group) > 1 else test[group[0]]
+                H = fac.solve(T.T).T
+                off = 0
+                for k in group:
+                    d = train.dims[k]
+                    out[k] = H[:, off : off + d]
+                    off += d
+        return out
 
     def _train_side(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.M_[name][start:stop]

@@ -16,6 +16,7 @@ itself is returned. Its fixed point is (G − λI)⁻¹ t (not a damped inverse)
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -67,14 +68,13 @@ class LiSSA(Estimator):
         self.groups_ = self.block_groups()
         self.lam_ = {tuple(g): self.damping_for(g) for g in self.groups_}
         self.scale_: dict[tuple[str, ...], float] = {}
-        gen = torch.Generator().manual_seed(self.options.seed)
         for g in self.groups_:
             if self.options.scale is not None:
                 s = self.options.scale
             elif self.options.reference_compat:
                 s = 1.0
             else:
-                s = 1.1 * (self._top_eig(g, gen) + self.lam_[tuple(g)])
+                s = 1.1 * (self._top_eig(g) + self.lam_[tuple(g)])
             self.scale_[tuple(g)] = float(s)
         self.converged_ = True
 
@@ -84,9 +84,16 @@ class LiSSA(Estimator):
         P = sum(v[k] @ train[k].T for k in g)  # (m, n)
         return {k: (P @ train[k]).div_(self.n_) for k in g}
 
-    def _top_eig(self, g: list[str], gen: torch.Generator) -> float:
+    def _top_eig(self, g: list[str]) -> float:
+        """Largest eigenvalue of G for the group, by power iteration (Rayleigh quotient).
+
+        The start vector of each block is seeded by (seed, block name), so the estimate does not
+        depend on the order of the blocks."""
         train = self.train_
-        v = {k: torch.randn(1, train.dims[k], generator=gen, dtype=torch.float64).to(train[k]) for k in g}
+        v = {}
+        for k in g:
+            gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + zlib.crc32(k.encode()))
+            v[k] = torch.randn(1, train.dims[k], generator=gen, dtype=torch.float64).to(train[k])
         est = 0.0
         for _ in range(self.options.power_iters):
             nrm = torch.sqrt(sum(x.pow(2).sum() for x in v.values()))

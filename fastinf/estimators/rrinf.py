@@ -80,35 +80,46 @@ class RRInf(Estimator):
 
     def _fit(self) -> None:
         o, train = self.options, self.train_
-        n, D = self.n_, train.dim
         gen = torch.Generator().manual_seed(o.seed)
         self.lrs_ = o.lr / (1.0 + o.lr_decay * torch.arange(o.iters, dtype=torch.float64))
         if o.sampling == "layer":
-            names = train.names
-            self.layer_draws_ = torch.randint(len(names), (o.iters,), generator=gen).tolist()
-            self.layer_reg_ = {}
-            self.layer_inv_ = {}
-            for k in names:
-                lam_l = self.damping_for([k])
-                self.layer_reg_[k] = n * lam_l / D
+            self.set_draws(torch.randint(len(train.names), (o.iters,), generator=gen))
+        else:
+            b = o.batch_size if o.sampling == "minibatch" else 1
+            self.set_draws(torch.randint(train.dim, (o.iters * b,), generator=gen))
+
+    def set_draws(self, draws: torch.Tensor) -> RRInf:
+        """Replace the random draws: coordinate indices in [0, D) (``iters·batch_size`` of them), or for
+        ``sampling="layer"`` block indices in [0, L) (``iters`` of them), e.g. to replay another code's RNG."""
+        o, train = self.options, self._check_fitted()
+        n, D = self.n_, train.dim
+        draws = torch.as_tensor(draws, dtype=torch.int64).flatten().cpu()
+        if o.sampling == "layer":
+            if draws.numel() != o.iters or (draws.numel() and (draws.min() < 0 or draws.max() >= len(train.names))):
+                raise ValueError(f"need {o.iters} layer indices in [0, {len(train.names)})")
+            self.layer_draws_ = draws.tolist()
+            self.layer_reg_, self.layer_inv_ = {}, {}
+            for k in train.names:
+                self.layer_reg_[k] = n * self.damping_for([k]) / D
                 nsq = train[k].pow(2).sum(0)  # (d_l,): row norms of Φ_l
                 nz = nsq > 0
                 self.layer_inv_[k] = torch.where(nz, 1.0 / torch.where(nz, nsq, torch.ones_like(nsq)), 0.0)
-            return
-        lam = self.damping_for(train.names)
-        self.reg_ = n * lam / D
+            return self
         b = o.batch_size if o.sampling == "minibatch" else 1
-        coords = torch.randint(D, (o.iters * b,), generator=gen)
-        self.coords_ = coords
+        if draws.numel() != o.iters * b or (draws.numel() and (draws.min() < 0 or draws.max() >= D)):
+            raise ValueError(f"need {o.iters * b} coordinate indices in [0, {D})")
+        self.reg_ = n * self.damping_for(train.names) / D
+        self.coords_ = draws
         # gather the drawn rows φ_ι (columns of the (n, D) storage), block by block
-        self.block_of_, self.col_of_ = self._locate(coords)
-        rows = torch.empty(coords.numel(), n, dtype=self.compute_dtype_, device=train.device)
+        self.block_of_, self.col_of_ = self._locate(draws)
+        rows = torch.empty(draws.numel(), n, dtype=self.compute_dtype_, device=train.device)
         for bi, k in enumerate(train.names):
             sel = torch.nonzero(self.block_of_ == bi).flatten()
             if sel.numel():
                 rows[sel.to(rows.device)] = train[k][:, self.col_of_[sel].to(train.device)].T
         self.rows_ = rows
         self.step_batch_ = b
+        return self
 
     def _locate(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dims = torch.tensor(list(self.train_.dims.values()))

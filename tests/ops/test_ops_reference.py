@@ -1,0 +1,83 @@
+"""Tier (a): the ops' PyTorch references against independent float64 formulas; dispatch behaviour."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastinf import ops
+
+
+def test_datainf_inverse_sum_reference_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    T = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    lam = 0.3
+    H = torch.zeros_like(T)
+    for j in range(3):
+        for i in range(9):
+            c = (T[j] @ G[i]) / (lam + G[i] @ G[i])
+            H[j] += (T[j] - c * G[i]) / (9 * lam)
+    for chunk in (None, 1, 4):
+        torch.testing.assert_close(ops.datainf_inverse_sum_reference(G, T, lam, chunk_size=chunk), H)
+    torch.testing.assert_close(ops.datainf_inverse_sum(G, T, lam, backend="torch"), H)
+    # half precision inputs accumulate in float32
+    out = ops.datainf_inverse_sum_reference(G.to(torch.bfloat16), T.to(torch.bfloat16), lam)
+    assert out.dtype == torch.float32
+
+
+def test_datainf_inverse_sum_bad_input():
+    with pytest.raises(ValueError, match="lam"):
+        ops.datainf_inverse_sum_reference(torch.ones(2, 3), torch.ones(1, 3), 0.0)
+    with pytest.raises(ValueError, match="width"):
+        ops.datainf_inverse_sum_reference(torch.ones(2, 3), torch.ones(1, 4), 0.1)
+
+
+def test_rrinf_row_updates_reference_matches_loop():
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    rows[3] = 0.0  # a zero row is skipped
+    targets = torch.randn(12, 2, generator=g, dtype=torch.float64)
+    lr, reg = 0.05, 0.01
+    for b in (1, 3):
+        om = torch.zeros(5, 2, dtype=torch.float64)
+        for s in range(12 // b):
+            upd, cnt = torch.zeros_like(om), 0
+            for r in range(s * b, (s + 1) * b):
+                phi = rows[r]
+                if phi.norm() == 0:
+                    continue
+                cnt += 1
+                upd += 2 * torch.outer(phi, phi @ om - targets[r]) / (phi @ phi)
+            if cnt:
+                om = om - lr * (upd / cnt + 2 * reg * om)
+        got = ops.rrinf_row_updates_reference(rows, targets, torch.zeros(5, 2, dtype=torch.float64), lr, reg, b)
+        torch.testing.assert_close(got, om)
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    x = torch.ones(2, 3)
+    for b in ("cuda", "triton"):
+        with pytest.raises(RuntimeError, match=b):
+            ops.datainf_inverse_sum(x, x, 0.1, backend=b)
+    with pytest.raises(ValueError, match="backend"):
+        ops.datainf_inverse_sum(x, x, 0.1, backend="fast")
+    state = ops.backends()
+    assert state["torch"] == "available"
+    assert set(state) == {"cuda", "triton", "torch"}
+    if not torch.cuda.is_available():
+        assert state["cuda"].startswith("unavailable")
+
+
+def test_import_is_lean():
+    code = (
+        "import sys, fastinf, torch; "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "assert not torch.cuda.is_initialized(), 'cuda initialised'; "
+        "assert 'torch.utils.cpp_extension' not in sys.modules, 'cpp_extension imported'"
+    )
+    env = {**os.environ}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
