@@ -51,4 +51,7 @@ class EngineBase:
             return x
 
         with open(path, "w") as f:
-            json.dump({k: {m: conv(v) for m, v in d.items()} if isinstance(d, dict) else conv(d) for k, d in payload.items()}, f)
+            json.dump(
+                {k: {m: conv(v) for m, v in d.items()} if isinstance(d, dict) else conv(d) for k, d in payload.items()},
+                f,
+            )

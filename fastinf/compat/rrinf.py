@@ -39,7 +39,9 @@ class _RRInfEngineBase(EngineBase):
 
     def __init__(self, device: str | torch.device | None = None, lissa_reference_compat: bool = True) -> None:
         super().__init__()
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         self.lissa_reference_compat = lissa_reference_compat
 
     def _load(self, tr_grad_dict, val_grad_dict) -> None:
@@ -70,7 +72,9 @@ class _RRInfEngineBase(EngineBase):
             self.IF_dict[key] = scores[0].double().cpu().numpy()
 
     def _hvp_out(self, key: str, h: dict[str, torch.Tensor]) -> None:
-        shaped = [{k: v[j].reshape(self._shapes[k]).cpu() for k, v in h.items()} for j in range(h[self._names[0]].shape[0])]
+        shaped = [
+            {k: v[j].reshape(self._shapes[k]).cpu() for k, v in h.items()} for j in range(h[self._names[0]].shape[0])
+        ]
         self.hvp_dict[key] = {j: d for j, d in enumerate(shaped)} if self._generation else shaped[0]
 
     # ------------------------------------------------------------------------------ baselines
@@ -128,7 +132,7 @@ class _RRInfEngineBase(EngineBase):
             # replay the reference's RNG: global numpy shuffle of the layer names, then one global torch draw per step
             if layer:
                 order = list(self._names)
-                np.random.shuffle(order)
+                np.random.shuffle(order)  # noqa: NPY002 (replays the reference global RNG)
                 sel = torch.randint(0, len(order), (int(num_iterations),))
                 pos = {k: i for i, k in enumerate(self._names)}
                 est.set_draws(torch.tensor([pos[order[i]] for i in sel.tolist()], dtype=torch.int64))

@@ -200,7 +200,8 @@ class Estimator:
         lam = self.options.damping_factor * tot / (train.n * width)
         if not lam > 0 and self.requires_positive_damping:
             raise ValueError(
-                f"{type(self).__name__}: the training gradients of {group[:3]}{'...' if len(group) > 3 else ''} are all "
+                f"{type(self).__name__}: the training gradients of {group[:3]}{'...' if len(group) > 3 else ''} "
+                "are all "
                 "zero, so damping='auto' gives λ = 0; pass an explicit damping"
             )
         return lam

@@ -35,7 +35,8 @@ class LiSSAOptions(EstimatorOptions):
     depth: int | None = field(default=None, metadata={"help": "recursion steps (default 200; 10 if reference_compat)"})
     scale: float | None = field(default=None, metadata={"help": "s > λ_max(G+λI)/2; None: power iteration"})
     tol: float | None = field(
-        default=None, metadata={"help": "stop when ‖r_{k+1} − r_k‖ ≤ tol·‖r_{k+1}‖ (default 1e-6; 0 if reference_compat)"}
+        default=None,
+        metadata={"help": "stop when ‖r_{k+1} − r_k‖ ≤ tol·‖r_{k+1}‖ (default 1e-6; 0 if reference_compat)"},
     )
     power_iters: int = field(default=30, metadata={"help": "power-iteration steps for the scale estimate"})
     seed: int = field(default=0, metadata={"help": "seed of the power-iteration start vector"})

@@ -139,7 +139,10 @@ class GradientSet:
         return dict(self._blocks)
 
     def __repr__(self) -> str:
-        return f"GradientSet(n={self.n}, blocks={len(self._blocks)}, dim={self.dim}, dtype={self.dtype}, device={self.device})"
+        return (
+            f"GradientSet(n={self.n}, blocks={len(self._blocks)}, dim={self.dim}, dtype={self.dtype}, "
+            f"device={self.device})"
+        )
 
     # --------------------------------------------------------------------------- conversions
     def matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:

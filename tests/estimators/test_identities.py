@@ -292,3 +292,19 @@ def test_influence_one_call(small_problem):
     train, test = small_problem
     _close(fastinf.influence(train, test, method="exact"), Exact().fit(train).score(test))
     assert fastinf.influence(train, test, reduce="mean").shape == (train.n,)
+
+
+@pytest.mark.parametrize("solve", ["n", "d"])
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_exact_inverse_hvp_is_the_test_side_form(small_problem, solve, blockwise):
+    train, test = small_problem
+    est = Exact(solve=solve, blockwise=blockwise).fit(train)
+    h = est.inverse_hvp(test)
+    _close(-sum(h[k] @ train[k].T for k in train.names), est.score(test), 1e-8)
+    # and it really is the damped inverse applied to t
+    groups = [[k] for k in train.names] if blockwise else [train.names]
+    for g in groups:
+        X = torch.cat([train[k] for k in g], 1)
+        H = X.T @ X / train.n + auto_lambda(train, g) * torch.eye(X.shape[1], dtype=torch.float64)
+        T = torch.cat([test[k] for k in g], 1)
+        _close(torch.cat([h[k] for k in g], 1), torch.linalg.solve(H, T.T).T, 1e-8)
