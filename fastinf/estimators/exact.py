@@ -1,13 +1,15 @@
 """Exact damped influence (METHODS.md §1): I(i, j) = − g_iᵀ (G + λI)⁻¹ t_j, G = (1/n) ΦΦᵀ.
 
-At fit time the training side is preconditioned once, M = (G + λI)⁻¹ g_i for every i, by one of
-two algebraically identical solves per block group (global: one group of all blocks):
+At fit time each block group (global: one group of all blocks) is factorised once, by one of two
+algebraically identical solves:
 
 * d-space: Cholesky of the (D_g × D_g) matrix G + λI; cost O(n D_g² + D_g³). Used when D_g ≤ n.
-* n-space (push-through): (G + λI)⁻¹ Φ = n Φ (K + nλI)⁻¹ with the (n × n) Gram K = ΦᵀΦ;
-  cost O(n² D_g + n³). Used when n < D_g.
+* n-space (push-through / Woodbury): Cholesky of the (n × n) matrix K + nλI, K = ΦᵀΦ;
+  cost O(n² D_g + n³). Used when n < D_g. Then (G + λI)⁻¹ t = (t − Φ (K + nλI)⁻¹ Φᵀ t) / λ.
 
-Scoring is then one GEMM per block against the test gradients. The solve runs in float64 by default.
+Scoring preconditions the m test vectors (cost O(m n D_g) or O(m D_g²)) and takes one GEMM per
+block against the training gradients, in chunks of training examples for ``topk``. Memory: one
+n×n (or D_g×D_g) factor per group. The solve runs in float64 by default.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ class ExactOptions(EstimatorOptions):
 class Exact(Estimator):
     """Exact damped influence, global (default) or block-wise (``blockwise=True``).
 
-    Options: ``solve="auto"|"n"|"d"``; ``dtype`` defaults to float64 (the preconditioned training
-    gradients are kept in that dtype: memory ≈ n·D·8 bytes).
+    Options: ``solve="auto"|"n"|"d"``; ``dtype`` defaults to float64 (the training gradients are held
+    in that dtype, plus one factor per block group).
     """
 
     name = "exact"
@@ -81,7 +83,6 @@ class Exact(Estimator):
     def _fit(self) -> None:
         train = self.train_
         n = train.n
-        self.M_: dict[str, torch.Tensor] = {}
         self.solves_: dict[tuple[str, ...], str] = {}
         self.factors_: dict[tuple[str, ...], tuple[SPDFactor, float]] = {}
         for group in self.block_groups():
@@ -92,34 +93,30 @@ class Exact(Estimator):
                 solve = "d" if width <= n else "n"
             self.solves_[tuple(group)] = solve
             if solve == "n":
-                K = None
-                for k in group:
-                    x = train[k]
-                    K = x @ x.T if K is None else K.addmm_(x, x.T)
-                K.diagonal().add_(n * lam)
-                fac = SPDFactor(K, n * lam)
-                for k in group:
-                    self.M_[k] = fac.solve(train[k]).mul_(n)
+                A = self._gram_rows(group, 0, n)
+                A.diagonal().add_(n * lam)
+                self.factors_[tuple(group)] = (SPDFactor(A, n * lam), lam)
             else:
-                X = torch.cat([train[k] for k in group], dim=1) if len(group) > 1 else train[group[0]]
+                X = self._cat(train, group)
                 H = (X.T @ X).div_(n)
                 H.diagonal().add_(lam)
-                fac = SPDFactor(H, lam)
-                MT = fac.solve(X.T)  # (D_g, n)
-                off = 0
-                for k in group:
-                    d = train.dims[k]
-                    self.M_[k] = MT[off : off + d].T.contiguous()
-                    off += d
-            self.factors_[tuple(group)] = (fac, lam)
+                self.factors_[tuple(group)] = (SPDFactor(H, lam), lam)
 
-    def inverse_hvp(self, test) -> dict[str, torch.Tensor]:
-        """(G + λI)⁻¹ t for every test vector, per block: name -> (m, d_l) (the test-side form).
+    @staticmethod
+    def _cat(gs, group: list[str]) -> torch.Tensor:
+        return torch.cat([gs[k] for k in group], dim=1) if len(group) > 1 else gs[group[0]]
 
-        n-space groups use Woodbury, (G + λI)⁻¹ t = (t − Φ (K + nλI)⁻¹ Φᵀ t) / λ; d-space groups the
-        cached Cholesky factor. ``score(test)`` equals −Σ_l inverse_hvp(test)_l Φ_lᵀ.
-        """
-        test = self._prep_test(test)
+    def _gram_rows(self, group: list[str], start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of the Gram matrix K = Σ_l X_l X_lᵀ of a group: (c, n)."""
+        train, K = self.train_, None
+        for k in group:
+            x = train[k]
+            K = x[start:stop] @ x.T if K is None else K.addmm_(x[start:stop], x.T)
+        return K
+
+    def _test_side(self, test) -> dict[str, torch.Tensor]:
+        """(G + λI)⁻¹ t per block. n-space groups use Woodbury,
+        (G + λI)⁻¹ t = (t − Φ (K + nλI)⁻¹ Φᵀ t) / λ; d-space groups the cached Cholesky factor."""
         train, out = self.train_, {}
         for group in self.block_groups():
             fac, lam = self.factors_[tuple(group)]
@@ -127,10 +124,9 @@ class Exact(Estimator):
                 P = sum(train[k] @ test[k].T for k in group)  # (n, m)
                 C = fac.solve(P)  # (K + nλI)⁻¹ Φᵀ t
                 for k in group:
-                    out[k] = (test[k] - C.T @ train[k]) / lam
+                    out[k] = (test[k] - C.T @ train[k]).div_(lam)
             else:
-                T = torch.cat([test[k] for k in group], 1) if len(group) > 1 else test[group[0]]
-                H = fac.solve(T.T).T
+                H = fac.solve(self._cat(test, group).T).T
                 off = 0
                 for k in group:
                     d = train.dims[k]
@@ -138,9 +134,27 @@ class Exact(Estimator):
                     off += d
         return out
 
-    def _train_side(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.M_[name][start:stop]
+    def inverse_hvp(self, test) -> dict[str, torch.Tensor]:
+        """(G + λI)⁻¹ t for every test vector, per block: name -> (m, d_l).
+
+        ``score(test)`` equals −Σ_l inverse_hvp(test)_l Φ_lᵀ.
+        """
+        return self._test_side(self._prep_test(test))
 
     def self_influence(self) -> torch.Tensor:
-        train = self._check_fitted()
-        return -sum((train[k] * self.M_[k]).sum(1) for k in train.names)
+        """−g_iᵀ(G + λI)⁻¹g_i; n-space groups: −(K_ii − (K (K + nλI)⁻¹ K)_ii)/λ in row chunks of K."""
+        train, n = self._check_fitted(), self.n_
+        out = torch.zeros(n, dtype=self.compute_dtype_, device=train.device)
+        chunk = self._chunk(n)
+        for group in self.block_groups():
+            fac, lam = self.factors_[tuple(group)]
+            for s in range(0, n, chunk):
+                e = min(s + chunk, n)
+                if self.solves_[tuple(group)] == "n":
+                    Kc = self._gram_rows(group, s, e)  # (c, n)
+                    quad = Kc[:, s:e].diagonal() - (Kc * fac.solve(Kc.T).T).sum(1)
+                    out[s:e] -= quad / lam
+                else:
+                    X = self._cat(train, group)[s:e]
+                    out[s:e] -= (X * fac.solve(X.T).T).sum(1)
+        return out

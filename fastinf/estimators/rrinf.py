@@ -244,10 +244,11 @@ class RRInfFixedPoint(Estimator):
         ).fit(scaled)
 
     def _test_side(self, test: GradientSet) -> dict[str, torch.Tensor]:
-        return {k: test[k] * self.coord_scale_[k] for k in test.names}
+        scaled = GradientSet({k: test[k] * self.coord_scale_[k] for k in test.names}, validate=False)
+        return self.exact_._test_side(scaled)
 
     def _train_side(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.exact_.M_[name][start:stop]
+        return self.exact_.train_[name][start:stop]
 
     def self_influence(self) -> torch.Tensor:
         return self.exact_.self_influence()
