@@ -16,6 +16,7 @@ itself is returned. Its fixed point is (G − λI)⁻¹ t (not a damped inverse)
 from __future__ import annotations
 
 import logging
+import warnings
 import zlib
 from dataclasses import dataclass, field
 
@@ -109,6 +110,7 @@ class LiSSA(Estimator):
     def _test_side(self, test: GradientSet) -> dict[str, torch.Tensor]:
         o = self.options
         out: dict[str, torch.Tensor] = {}
+        unconverged: list[tuple[str, float]] = []
         for g in self.groups_:
             lam, s = self.lam_[tuple(g)], self.scale_[tuple(g)]
             t = {k: test[k] for k in g}
@@ -132,7 +134,16 @@ class LiSSA(Estimator):
                     r = new
             if not converged:
                 self.converged_ = False
-                log.info("LiSSA did not reach tol=%g in %d steps for block group %s", o.tol, o.depth, g[:2])
+                unconverged.append((g[0] if len(g) == 1 else f"{len(g)} blocks", s / lam))
             for k in g:
                 out[k] = r[k] if o.reference_compat else r[k] / s
+        if unconverged:
+            worst = max(unconverged, key=lambda x: x[1])
+            warnings.warn(
+                f"LiSSA did not reach tol={o.tol:g} within depth={o.depth} steps in {len(unconverged)} of "
+                f"{len(self.groups_)} block groups (largest scale/λ = {worst[1]:.3g} in {worst[0]!r}; convergence "
+                "needs about scale/λ × log(1/tol) steps): raise depth or damping",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return out

@@ -20,6 +20,9 @@ What users must know (the estimator does what the paper does; these are its prop
   order it is a coordinate-subsampled diagonal-Fisher influence, and it depends on the seed:
   report several seeds.
 * Zero rows are skipped (a step on a zero row is a no-op), never divided by zero.
+* The row-normalised data term does not change when all gradients are multiplied by c, but the
+  'auto' λ grows with c², so RRInf and its fixed point (unlike exact, DataInf, LiSSA) are not
+  invariant to the scale of the gradients: their ranking depends on the loss scale.
 
 Sampling modes: ``"neuron"`` (one coordinate per step), ``"minibatch"`` (``batch_size``
 coordinates per step, row terms averaged), ``"layer"`` (one block per step, all its rows, each
@@ -110,16 +113,21 @@ class RRInf(Estimator):
             raise ValueError(f"need {o.iters * b} coordinate indices in [0, {D})")
         self.reg_ = n * self.damping_for(train.names) / D
         self.coords_ = draws
-        # gather the drawn rows φ_ι (columns of the (n, D) storage), block by block
         self.block_of_, self.col_of_ = self._locate(draws)
-        rows = torch.empty(draws.numel(), n, dtype=self.compute_dtype_, device=train.device)
-        for bi, k in enumerate(train.names):
-            sel = torch.nonzero(self.block_of_ == bi).flatten()
-            if sel.numel():
-                rows[sel.to(rows.device)] = train[k][:, self.col_of_[sel].to(train.device)].T
-        self.rows_ = rows
         self.step_batch_ = b
         return self
+
+    _SEGMENT_ROWS = 1 << 22  # drawn rows gathered at once: segment × n ≤ 4M entries
+
+    def _gather(self, gs: GradientSet, lo: int, hi: int) -> torch.Tensor:
+        """The drawn coordinates lo..hi of ``gs`` as rows: (hi − lo, gs.n) (φ_ι for the training set)."""
+        block, col = self.block_of_[lo:hi], self.col_of_[lo:hi]
+        out = torch.empty(hi - lo, gs.n, dtype=self.compute_dtype_, device=gs.device)
+        for bi, k in enumerate(gs.names):
+            sel = torch.nonzero(block == bi).flatten()
+            if sel.numel():
+                out[sel.to(out.device)] = gs[k][:, col[sel].to(gs.device)].T.to(out.dtype)
+        return out
 
     def _locate(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dims = torch.tensor(list(self.train_.dims.values()))
@@ -128,16 +136,6 @@ class RRInf(Estimator):
         col = coords - (ends - dims)[block]
         return block, col
 
-    def _targets(self, test: GradientSet) -> torch.Tensor:
-        """Υ rows of the drawn coordinates: (iters·b, m), Υ = −n T."""
-        m = test.n
-        tg = torch.empty(self.coords_.numel(), m, dtype=self.compute_dtype_, device=self.train_.device)
-        for bi, k in enumerate(self.train_.names):
-            sel = torch.nonzero(self.block_of_ == bi).flatten()
-            if sel.numel():
-                tg[sel.to(tg.device)] = test[k][:, self.col_of_[sel].to(test[k].device)].T
-        return tg.mul_(-self.n_)
-
     def _omega(self, test: GradientSet) -> torch.Tensor:
         """Ω (n, m) after all steps, for the tests in ``test``."""
         o, train = self.options, self.train_
@@ -145,9 +143,15 @@ class RRInf(Estimator):
         omega = torch.zeros(self.n_, m, dtype=self.compute_dtype_, device=train.device)
         lrs = self.lrs_.to(device=train.device, dtype=self.compute_dtype_)
         if o.sampling != "layer":
-            return rrinf_row_updates(
-                self.rows_, self._targets(test), omega, lrs, self.reg_, self.step_batch_, backend=o.backend
-            )
+            # stream over segments of steps so that memory stays O(segment · n), whatever `iters` is
+            b = self.step_batch_
+            steps_per_seg = max(1, self._SEGMENT_ROWS // (b * max(self.n_ + m, 1)))
+            for s0 in range(0, o.iters, steps_per_seg):
+                s1 = min(s0 + steps_per_seg, o.iters)
+                rows = self._gather(train, s0 * b, s1 * b)
+                targets = self._gather(test, s0 * b, s1 * b).mul_(-self.n_)  # Υ = −n T
+                omega = rrinf_row_updates(rows, targets, omega, lrs[s0:s1], self.reg_, b, backend=o.backend)
+            return omega
         for t, bi in enumerate(self.layer_draws_):
             k = train.names[bi]
             inv = self.layer_inv_[k]

@@ -308,3 +308,19 @@ def test_exact_inverse_hvp_is_the_test_side_form(small_problem, solve, blockwise
         H = X.T @ X / train.n + auto_lambda(train, g) * torch.eye(X.shape[1], dtype=torch.float64)
         T = torch.cat([test[k] for k in g], 1)
         _close(torch.cat([h[k] for k in g], 1), torch.linalg.solve(H, T.T).T, 1e-8)
+
+
+def test_lissa_warns_when_not_converged(small_problem):
+    train, test = small_problem
+    est = LiSSA(depth=2).fit(train)
+    with pytest.warns(RuntimeWarning, match="did not reach tol"):
+        est.score(test)
+    assert not est.converged_
+
+
+def test_rrinf_streams_draws_in_segments(small_problem, monkeypatch):
+    train, test = small_problem
+    ref = RRInf(iters=300, sampling="minibatch", batch_size=3).fit(train).score(test)
+    monkeypatch.setattr(RRInf, "_SEGMENT_ROWS", 40)  # forces many segments of a few steps
+    got = RRInf(iters=300, sampling="minibatch", batch_size=3).fit(train).score(test)
+    _close(got, ref, 1e-12)
