@@ -22,7 +22,7 @@ same gradients.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,11 @@ class SyntheticTask:
     train_labels: torch.Tensor  # (n,) the (noisy) labels the model was trained on
     true_train_labels: torch.Tensor  # (n,) the labels before flipping
     test_labels: torch.Tensor  # (m,)
+    x_train: torch.Tensor  # (n, dim) inputs
+    x_test: torch.Tensor  # (m, dim)
+    params: dict[str, torch.Tensor]  # trained adapter weights, by block name (shapes as in the model)
+    loss_fn: Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+    # loss_fn(params, x (k, dim), y (k,)) -> (k,) per-example cross-entropy; ``train`` holds its gradients
     info: dict[str, Any] = field(default_factory=dict)  # model, training and accuracy summary
 
     def __iter__(self) -> Iterator[Any]:
@@ -90,7 +95,9 @@ def mislabel_task(
         raise ValueError(f"flip must be in (0, 1), got {flip!r}")
     n_flip = round(flip * n_train)
     if not 1 <= n_flip < n_train:
-        raise ValueError(f"flip={flip} of n_train={n_train} flips {n_flip} labels; need at least one flipped and one clean")
+        raise ValueError(
+            f"flip={flip} of n_train={n_train} flips {n_flip} labels; need at least one flipped and one clean"
+        )
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -131,8 +138,11 @@ def mislabel_task(
         h = torch.tanh(x @ W1.T + b1 + (x @ p["hidden.lora_A"].T) @ p["hidden.lora_B"].T)
         return h @ W2.T + (h @ p["out.lora_A"].T) @ p["out.lora_B"].T
 
+    def losses(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits(p, x), y, reduction="none")
+
     def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(logits(p, x), y)
+        return losses(p, x, y).mean()
 
     # --- full-batch gradient descent on the adapters
     p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
@@ -171,4 +181,16 @@ def mislabel_task(
         "train_acc_true_labels": float((pred_train == y_true).float().mean()),
         "test_acc": float((pred_test == y_test).float().mean()),
     }
-    return SyntheticTask(train, test, is_flipped, y_train, y_true, y_test, info)
+    return SyntheticTask(
+        train=train,
+        test=test,
+        is_flipped=is_flipped,
+        train_labels=y_train,
+        true_train_labels=y_true,
+        test_labels=y_test,
+        x_train=x_train,
+        x_test=x_test,
+        params=p,
+        loss_fn=losses,
+        info=info,
+    )
