@@ -3,12 +3,15 @@
 
 from ._dispatch import backends
 from .datainf_inverse_sum import datainf_inverse_sum, datainf_inverse_sum_reference
+from .lora_per_sample_grads import lora_per_sample_grads, lora_per_sample_grads_reference
 from .rrinf_row_updates import rrinf_row_updates, rrinf_row_updates_reference
 
 __all__ = [
     "backends",
     "datainf_inverse_sum",
     "datainf_inverse_sum_reference",
+    "lora_per_sample_grads",
+    "lora_per_sample_grads_reference",
     "rrinf_row_updates",
     "rrinf_row_updates_reference",
 ]
