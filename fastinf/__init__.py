@@ -21,7 +21,7 @@ from .estimators import (
     get_estimator,
     influence,
 )
-from .gradients import GradientSet
+from .gradients import GradientSet, GradientStore, LoRAGradientCollector
 
 __all__ = [
     "DataInf",
@@ -29,8 +29,10 @@ __all__ = [
     "Estimator",
     "Exact",
     "GradientSet",
+    "GradientStore",
     "HessianFree",
     "LiSSA",
+    "LoRAGradientCollector",
     "RRInf",
     "RRInfFixedPoint",
     "__version__",

@@ -1,5 +1,8 @@
-"""Per-example gradients: the in-memory ``GradientSet`` (capture and on-disk store come later)."""
+"""Per-example gradients: the in-memory ``GradientSet``, capture from peft models
+(``LoRAGradientCollector``) and the on-disk ``GradientStore``."""
 
+from .collector import LoRAGradientCollector, random_projection
 from .gradient_set import GradientSet, align_test
+from .store import GradientStore, StoreError
 
-__all__ = ["GradientSet", "align_test"]
+__all__ = ["GradientSet", "GradientStore", "LoRAGradientCollector", "StoreError", "align_test", "random_projection"]

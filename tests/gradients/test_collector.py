@@ -1,0 +1,280 @@
+"""LoRAGradientCollector vs an independent per-example autograd loop, on tiny models built from configs."""
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import LoraConfig, get_peft_model, inject_adapter_in_model  # noqa: E402
+
+from fastinf import LoRAGradientCollector  # noqa: E402
+from fastinf.gradients.losses import DenoisingLoss, causal_lm_loss, sequence_classification_loss  # noqa: E402
+
+
+def loop_gradients(model, loss_fn, batches, names):
+    """Independent oracle: one backward per example, reading parameter .grad."""
+    params = dict(model.named_parameters())
+    rows = {n: [] for n in names}
+    model.eval()
+    for b in batches:
+        for p in model.parameters():
+            p.grad = None
+        loss = loss_fn(model, b)
+        assert loss.shape == (1,)
+        loss.sum().backward()
+        for n in names:
+            rows[n].append(params[n].grad.detach().reshape(-1).clone())
+    return {n: torch.stack(v) for n, v in rows.items()}
+
+
+def assert_grads_equal(got, ref, rtol):
+    assert set(got.names) == set(ref)
+    for n, r in ref.items():
+        g = got[n].to(r.dtype)
+        scale = float(r.abs().max())
+        assert scale > 0, f"{n}: reference gradient is all zero (the test would be vacuous)"
+        assert float((g - r).abs().max()) <= rtol * scale, (n, float((g - r).abs().max()) / scale)
+
+
+def _llama(dtype):
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).to(dtype)
+    lcfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj"],
+        init_lora_weights=False,
+        lora_dropout=0.2,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, lcfg)
+
+
+def _lm_examples(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        L = 3 + (i * 5) % 7
+        ids = torch.randint(1, 97, (L,), generator=g)
+        labels = ids.clone()
+        labels[: L // 3] = -100  # prompt tokens not in the loss
+        out.append((ids, labels))
+    return out
+
+
+def _pad(examples, side):
+    L = max(len(e[0]) for e in examples)
+    ids = torch.zeros(len(examples), L, dtype=torch.long)
+    labels = torch.full((len(examples), L), -100)
+    mask = torch.zeros(len(examples), L, dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        sl = slice(L - len(x), L) if side == "left" else slice(0, len(x))
+        ids[i, sl], labels[i, sl], mask[i, sl] = x, y, 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+def test_llama_gqa_left_padding_matches_loop(dtype, rtol):
+    model = _llama(dtype)
+    ex = _lm_examples(5)
+    col = LoRAGradientCollector(model, dtype=dtype)
+    assert any("k_proj.lora_B" in n for n in col.block_names)  # GQA: k/v are narrower than q
+    got = col.collect([_pad(ex[:3], "left"), _pad(ex[3:], "left")], progress=False)
+    ref = loop_gradients(model, causal_lm_loss, [_pad([e], "right") for e in ex], col.block_names)
+    assert_grads_equal(got, ref, rtol)
+    assert got.n == 5
+
+
+def test_batch_size_and_padding_side_invariance():
+    model = _llama(torch.float64)
+    ex = _lm_examples(6, seed=1)
+    col = LoRAGradientCollector(model, dtype=torch.float64)
+    a = col.collect([_pad(ex, "left")], progress=False)
+    b = col.collect([_pad(ex[i : i + 2], "right") for i in range(0, 6, 2)], progress=False)
+    for n in a.names:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-12)
+
+
+def test_roberta_classifier_with_head_matches_loop():
+    cfg = transformers.RobertaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=40,
+        num_labels=3,
+        pad_token_id=1,
+    )
+    torch.manual_seed(1)
+    base = transformers.RobertaForSequenceClassification(cfg).double()
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=2, target_modules=["query", "value"], init_lora_weights=False, task_type="SEQ_CLS", lora_dropout=0.1
+        ),
+    )
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 60, (4, 9), generator=g)
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    ids[1, 6:] = 1
+    labels = torch.tensor([0, 2, 1, 2])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    col = LoRAGradientCollector(model, include_modules_to_save=True, dtype=torch.float64)
+    assert any("classifier" in n and "modules_to_save" in n for n in col.block_names)
+    got = col.collect([batch], progress=False)
+    singles = [
+        {
+            "input_ids": ids[i : i + 1, : int(mask[i].sum())],
+            "attention_mask": mask[i : i + 1, : int(mask[i].sum())],
+            "labels": labels[i : i + 1],
+        }
+        for i in range(4)
+    ]
+    ref = loop_gradients(model, sequence_classification_loss, singles, col.block_names)
+    assert_grads_equal(got, ref, 1e-9)
+    assert model.training is False or True  # state restored below
+    model.train()
+    col.collect([batch], progress=False)
+    assert model.training  # capture switched to eval and restored train mode
+
+
+def test_gpt2_conv1d_fan_in_fan_out_matches_loop():
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    torch.manual_seed(2)
+    base = transformers.GPT2LMHeadModel(cfg).double()
+    model = get_peft_model(
+        base,
+        LoraConfig(r=3, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False, task_type="CAUSAL_LM"),
+    )
+    g = torch.Generator().manual_seed(4)
+    ex = [(torch.randint(0, 50, (L,), generator=g),) * 2 for L in (5, 8, 3)]
+    col = LoRAGradientCollector(model, dtype=torch.float64)
+    got = col.collect([_pad(ex, "right")], progress=False)
+    ref = loop_gradients(model, causal_lm_loss, [_pad([e], "right") for e in ex], col.block_names)
+    assert_grads_equal(got, ref, 1e-9)
+
+
+def _unet2d():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(3)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+        num_class_embeds=10,
+    ).double()
+    cfg = LoraConfig(r=2, target_modules=["to_q", "to_v", "conv1"], init_lora_weights=False)
+    return inject_adapter_in_model(cfg, unet)
+
+
+@pytest.mark.parametrize("timesteps", [1, 2])
+def test_unet2d_linear_and_conv_lora_match_loop(timesteps):
+    unet = _unet2d()
+    loss = DenoisingLoss(timesteps_per_example=timesteps, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
+    batch = {"pixel_values": x, "index": torch.tensor([10, 11, 12]), "class_labels": torch.tensor([1, 4, 7])}
+    col = LoRAGradientCollector(unet, loss_fn=loss, dtype=torch.float64)
+    assert any("conv1.lora_A" in n for n in col.block_names)
+    got = col.collect([batch], progress=False)
+    singles = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(3)]
+    ref = loop_gradients(unet, loss, singles, col.block_names)
+    assert_grads_equal(got, ref, 1e-9)
+
+
+def test_unet2d_condition_add_adapter_matches_loop():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(4)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).double()
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    g = torch.Generator().manual_seed(7)
+    batch = {
+        "pixel_values": torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64),
+        "encoder_hidden_states": torch.randn(2, 3, 12, generator=g, dtype=torch.float64),
+        "index": torch.tensor([0, 1]),
+    }
+    loss = DenoisingLoss(salt="test")
+    col = LoRAGradientCollector(unet, loss_fn=loss, dtype=torch.float64)
+    got = col.collect([batch], progress=False)
+    ref = loop_gradients(unet, loss, [{k: v[i : i + 1] for k, v in batch.items()} for i in range(2)], col.block_names)
+    assert_grads_equal(got, ref, 1e-9)
+
+
+def test_denoising_noise_depends_on_index_and_salt_not_batch():
+    loss_a, loss_b = DenoisingLoss(salt="train"), DenoisingLoss(salt="test")
+    ta, na = loss_a._draw(3, (1, 2, 2))
+    tb, nb = loss_b._draw(3, (1, 2, 2))
+    assert not torch.equal(na, nb)
+    assert torch.equal(loss_a._draw(3, (1, 2, 2))[1], na)
+
+
+def test_projection_preserves_inner_products():
+    model = _llama(torch.float64)
+    ex = _lm_examples(8, seed=2)
+    full = LoRAGradientCollector(model, dtype=torch.float64).collect([_pad(ex, "right")], progress=False)
+    k = 2048
+    proj = LoRAGradientCollector(model, dtype=torch.float64, projection=k, projection_seed=1)
+    small = proj.collect([_pad(ex, "right")], progress=False)
+    assert all(d == k for d in small.dims.values())
+    for n in full.names:
+        G, P = full[n] @ full[n].T, small[n] @ small[n].T
+        norms = full[n].norm(dim=1)
+        # JL: |⟨Pu, Pv⟩ − ⟨u, v⟩| ≲ c·‖u‖‖v‖/√k (c ≈ 4 covers every pair at this size)
+        assert float(((P - G).abs() / torch.outer(norms, norms)).max()) < 4 / k**0.5, n
+    again = LoRAGradientCollector(model, dtype=torch.float64, projection=k, projection_seed=1)
+    assert torch.equal(again.collect([_pad(ex, "right")], progress=False)[n], small[n])  # seeded
+
+
+def test_clear_errors():
+    cfg = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    plain = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        LoRAGradientCollector(plain)
+    model = _llama(torch.float32)
+    col = LoRAGradientCollector(model)
+    with pytest.raises(ValueError, match="no batches"):
+        col.collect([], progress=False)
+    batch = _pad(_lm_examples(2), "right")
+    del batch["labels"]
+    with pytest.raises(ValueError, match="labels"):
+        col.collect([batch], progress=False)
+    with pytest.raises(ValueError, match="no default per-example loss"):
+        LoRAGradientCollector(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -1,0 +1,144 @@
+"""GradientStore: round trip, crash + resume (bit-identical), checksums, argument mismatch."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("safetensors")
+
+from test_collector import _llama, _lm_examples, _pad  # noqa: E402
+
+import fastinf  # noqa: E402
+from fastinf.gradients import store as store_mod  # noqa: E402
+from fastinf.gradients.store import GradientStore, StoreError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _llama(torch.float32)
+    ex = _lm_examples(10, seed=3)
+    loader = [_pad(ex[i : i + 3], "right") for i in range(0, 10, 3)]  # 4 batches: 3, 3, 3, 1
+    return model, loader
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_round_trip_and_lazy_reading(setup, tmp_path):
+    model, loader = setup
+    col = fastinf.LoRAGradientCollector(model)
+    mem = col.collect(loader, progress=False)
+    st = col.collect(loader, store=tmp_path / "s", progress=False)
+    assert isinstance(st, GradientStore) and isinstance(st, fastinf.GradientSet)
+    assert st.n == 10 and st.names == mem.names and st.dims == mem.dims
+    for n in mem.names:
+        assert torch.equal(st[n], mem[n])
+    assert torch.equal(st.subset(slice(2, 8)).matrix(), mem.subset(slice(2, 8)).matrix())
+    assert torch.equal(st.subset([9, 0, 4]).matrix(), mem.subset([9, 0, 4]).matrix())
+    assert torch.equal(st.load().matrix(), mem.matrix())
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert man["n"] == 10 and man["complete"] and len(man["shards"]) == 4
+    assert man["fingerprint"]["model_class"] == "LlamaForCausalLM"
+    assert all(len(s["sha256"]) == 64 for s in man["shards"])
+    assert not list((tmp_path / "s").glob("*.pkl"))
+    # estimators read the store lazily and give the same scores
+    test = mem.subset(slice(0, 2))
+    torch.testing.assert_close(fastinf.DataInf().fit(st).score(test), fastinf.DataInf().fit(mem).score(test))
+    torch.testing.assert_close(fastinf.Exact().fit(st).self_influence(), fastinf.Exact().fit(mem).self_influence())
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_between_shards_is_bit_identical(setup, tmp_path, monkeypatch):
+    model, loader = setup
+    col = fastinf.LoRAGradientCollector(model)
+    col.collect(loader, store=tmp_path / "ref", progress=False)
+    real_append, calls = GradientStore.append, {"n": 0}
+
+    def crashing_append(self, blocks):
+        if calls["n"] == 2:
+            raise Crash()
+        calls["n"] += 1
+        return real_append(self, blocks)
+
+    monkeypatch.setattr(GradientStore, "append", crashing_append)
+    with pytest.raises(Crash):
+        col.collect(loader, store=tmp_path / "run", progress=False)
+    monkeypatch.setattr(GradientStore, "append", real_append)
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        partial = GradientStore.open(tmp_path / "run")
+    assert partial.n == 6
+    computed = []
+    real_bg = fastinf.LoRAGradientCollector.batch_gradients
+    monkeypatch.setattr(
+        fastinf.LoRAGradientCollector, "batch_gradients", lambda self, b: computed.append(1) or real_bg(self, b)
+    )
+    col.collect(loader, store=tmp_path / "run", progress=False)
+    assert len(computed) == 2  # only the two missing batches were recomputed
+    assert _files(tmp_path / "run") == _files(tmp_path / "ref")
+
+
+def test_resume_after_crash_inside_a_shard_write(setup, tmp_path, monkeypatch):
+    model, loader = setup
+    col = fastinf.LoRAGradientCollector(model)
+    col.collect(loader, store=tmp_path / "ref", progress=False)
+    real = store_mod._fsync_write
+    state = {"shards": 0}
+
+    def dying_write(path, data):
+        if path.name.startswith("shard-"):
+            state["shards"] += 1
+            if state["shards"] == 3:  # killed halfway through writing the third shard
+                tmp = path.with_name(f".{path.name}.tmp-1")
+                tmp.write_bytes(data[: len(data) // 2])
+                raise Crash()
+        return real(path, data)
+
+    monkeypatch.setattr(store_mod, "_fsync_write", dying_write)
+    with pytest.raises(Crash):
+        col.collect(loader, store=tmp_path / "run", progress=False)
+    monkeypatch.setattr(store_mod, "_fsync_write", real)
+    col.collect(loader, store=tmp_path / "run", progress=False)
+    files = {k: v for k, v in _files(tmp_path / "run").items() if not k.startswith(".")}
+    assert files == _files(tmp_path / "ref")
+
+
+def test_corruption_and_truncation_are_detected(setup, tmp_path):
+    model, loader = setup
+    col = fastinf.LoRAGradientCollector(model)
+    col.collect(loader, store=tmp_path / "s", progress=False)
+    shard = tmp_path / "s" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    st = GradientStore.open(tmp_path / "s")
+    with pytest.raises(StoreError, match="shard-00001.*checksum"):
+        st[st.names[0]]
+    shard.write_bytes(bytes(data[:-100]))
+    with pytest.raises(StoreError, match="shard-00001.*truncated"):
+        GradientStore.open(tmp_path / "s").verify()
+    shard.unlink()
+    with pytest.raises(StoreError, match="shard-00001.*missing"):
+        GradientStore.open(tmp_path / "s").load()
+
+
+def test_different_arguments_refuse_to_mix(setup, tmp_path):
+    model, loader = setup
+    fastinf.LoRAGradientCollector(model).collect(loader[:1], store=tmp_path / "s", progress=False)
+    other = fastinf.LoRAGradientCollector(model, projection=16)
+    with pytest.raises(StoreError, match="different arguments"):
+        other.collect(loader, store=tmp_path / "s", progress=False)
+    st = other.collect(loader, store=tmp_path / "s", progress=False, overwrite=True)
+    assert all(d == 16 for d in st.dims.values()) and st.n == 10
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("x")
+    with pytest.raises(StoreError, match="not a gradient store"):
+        fastinf.LoRAGradientCollector(model).collect(loader, store=tmp_path / "junk", progress=False)
+    with pytest.raises(StoreError, match="no manifest"):
+        GradientStore.open(tmp_path / "junk")
