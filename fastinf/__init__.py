@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from . import ops
 from .estimators import (
+    BIF,
     DataInf,
     DiagonalFisher,
     Estimator,
@@ -17,13 +18,18 @@ from .estimators import (
     LiSSA,
     RRInf,
     RRInfFixedPoint,
+    Z0Inf,
     available_methods,
     get_estimator,
     influence,
 )
 from .gradients import GradientSet, GradientStore, LoRAGradientCollector
+from .traces import LossTrace
 
 __all__ = [
+    "BIF",
+    "LossTrace",
+    "Z0Inf",
     "DataInf",
     "DiagonalFisher",
     "Estimator",

@@ -42,9 +42,23 @@ def register(cls: type[Estimator]) -> type[Estimator]:
     return cls
 
 
+_CANONICAL_ORDER = [
+    "hessian_free",
+    "diagonal_fisher",
+    "datainf",
+    "lissa",
+    "rrinf",
+    "rrinf_fixed_point",
+    "exact",
+    "z0inf",
+    "bif",
+]
+
+
 def available_methods() -> list[str]:
     """Canonical names of the implemented methods (usable in :func:`influence` and the CLI)."""
-    return list(_REGISTRY)
+    rank = {k: i for i, k in enumerate(_CANONICAL_ORDER)}
+    return sorted(_REGISTRY, key=lambda k: (rank.get(k, len(rank)), k))
 
 
 def get_estimator(method: str, **options: Any) -> Estimator:

@@ -5,6 +5,7 @@ from ._dispatch import backends
 from .datainf_inverse_sum import datainf_inverse_sum, datainf_inverse_sum_reference
 from .lora_per_sample_grads import lora_per_sample_grads, lora_per_sample_grads_reference
 from .rrinf_row_updates import rrinf_row_updates, rrinf_row_updates_reference
+from .trace_cov import CoMoments, trace_cov, trace_cov_reference
 
 __all__ = [
     "backends",
@@ -14,4 +15,7 @@ __all__ = [
     "lora_per_sample_grads_reference",
     "rrinf_row_updates",
     "rrinf_row_updates_reference",
+    "trace_cov",
+    "trace_cov_reference",
+    "CoMoments",
 ]

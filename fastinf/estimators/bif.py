@@ -1,0 +1,140 @@
+"""Local Bayesian influence function (Kreer et al. 2025; METHODS.md §8).
+
+BIF(i, j) = −Cov_draws(L_i, L_j) over SGLD draws from the localised tempered posterior around the
+trained weights, pooled over chains with one global mean: (m, n), positive = harmful, like every
+estimator. ``normalize=True`` gives −Pearson correlation. ``self_influence()`` = −Var(L_i).
+Losses at the reference weights (``LossTrace.reference``) are subtracted before accumulating, and
+draws are merged block by block with the pairwise update (never Σxy − Nμμᵀ).
+Laplace limit: for a regular model, β·BIF ≈ the damped influence with λ = γ/(nβ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..ops import trace_cov
+from ..ops.trace_cov import CoMoments
+from ..traces.loss_trace import LossTrace
+from .base import register
+
+__all__ = ["BIF", "TraceEstimator"]
+
+
+class TraceEstimator:
+    """Base of the estimators that work on :class:`LossTrace` (no gradients)."""
+
+    name = ""
+
+    @staticmethod
+    def _coerce(t: Any, what: str) -> LossTrace:
+        if isinstance(t, LossTrace):
+            return t
+        if isinstance(t, torch.Tensor):
+            return LossTrace(t)
+        raise TypeError(f"{what} must be a LossTrace (or a (T, n) tensor of losses), got {type(t).__name__}")
+
+    def _check_fitted(self) -> LossTrace:
+        if getattr(self, "train_", None) is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(train_trace) first")
+        return self.train_
+
+    def topk(self, test: Any, k: int, *, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """k largest (smallest) scores per query, in chunks of training examples."""
+        train = self._check_fitted()
+        if not isinstance(k, int) or not 1 <= k <= train.n:
+            raise ValueError(f"k must be an int in [1, n={train.n}], got {k!r}")
+        test = self._coerce(test, "test")
+        vals = idx = None
+        chunk = max(1, (1 << 24) // max(test.n, 1))
+        for s in range(0, train.n, chunk):
+            e = min(s + chunk, train.n)
+            sc = self._score_cols(test, s, e)
+            v, i = torch.topk(sc, min(k, e - s), dim=1, largest=largest)
+            i = i + s
+            if vals is None:
+                vals, idx = v, i
+            else:
+                vals, sel = torch.topk(torch.cat([vals, v], 1), min(k, vals.shape[1] + v.shape[1]), 1, largest=largest)
+                idx = torch.gather(torch.cat([idx, i], 1), 1, sel)
+        return vals, idx
+
+
+@dataclass
+class BIFOptions:
+    normalize: bool = field(default=False, metadata={"help": "−Pearson correlation instead of −covariance"})
+    block: int = field(default=256, metadata={"help": "draws merged per pairwise update"})
+    backend: str = field(default="auto", metadata={"help": "'auto' | 'cuda' | 'triton' | 'torch' for trace_cov"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"block must be a positive int, got {self.block!r}")
+        if self.backend not in ("auto", "cuda", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'cuda', 'triton' or 'torch', got {self.backend!r}")
+
+
+@register
+class BIF(TraceEstimator):
+    """BIF from posterior loss traces: ``BIF().fit(traces["train"]).score(traces["test"])``."""
+
+    name = "bif"
+
+    def __init__(self, **options: Any) -> None:
+        valid = set(BIFOptions.__dataclass_fields__)
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise TypeError(f"BIF: unknown option(s) {unknown}; valid options: {sorted(valid)}")
+        self.options = BIFOptions(**options)
+        self.train_: LossTrace | None = None
+
+    @staticmethod
+    def _centred(tr: LossTrace) -> torch.Tensor:
+        x = tr.losses.to(torch.float64)
+        return x - tr.reference.to(torch.float64) if tr.reference is not None else x
+
+    def fit(self, train: Any) -> BIF:
+        train = self._coerce(train, "train")
+        if train.T < 2:
+            raise ValueError(f"BIF needs at least 2 draws, got {train.T}")
+        self.train_ = train
+        self._X = self._centred(train)
+        if self.options.normalize:
+            sd = self._X.std(0)
+            if bool((sd == 0).any()):
+                i = int(torch.nonzero(sd == 0)[0, 0])
+                raise ValueError(f"normalize=True: the train trace of example {i} has zero variance")
+        return self
+
+    def _prep(self, test: Any) -> torch.Tensor:
+        train = self._check_fitted()
+        test = self._coerce(test, "test")
+        if test.T != train.T:
+            raise ValueError(f"test trace has {test.T} draws but the train trace has {train.T}")
+        if train.chains is not None and test.chains is not None and not torch.equal(train.chains, test.chains):
+            raise ValueError("train and test traces come from different chains/draws")
+        return self._centred(test)
+
+    def score(self, test: Any, *, reduce: str | None = None) -> torch.Tensor:
+        """(m, n) = −Cov(L_j, L_i) over draws (or −correlation); ``reduce="mean"`` → (n,)."""
+        Y = self._prep(test)
+        out = trace_cov(self._X, Y, self.options.normalize, backend=self.options.backend, block=self.options.block)
+        if reduce is None:
+            return out
+        if reduce == "mean":
+            return out.mean(0)
+        raise ValueError(f"reduce must be None or 'mean', got {reduce!r}")
+
+    def _score_cols(self, test: Any, start: int, stop: int) -> torch.Tensor:
+        Y = self._prep(test)
+        return trace_cov(self._X[:, start:stop], Y, self.options.normalize, backend=self.options.backend)
+
+    def self_influence(self) -> torch.Tensor:
+        """−Var(L_i) over draws (−1 when normalize=True)."""
+        self._check_fitted()
+        acc = CoMoments(self._X.shape[1], 0, dtype=torch.float64)
+        for s in range(0, self._X.shape[0], self.options.block):
+            acc.update(self._X[s : s + self.options.block], self._X[s : s + self.options.block, :0])
+        var = acc.sxx / (acc.count - 1)
+        return -torch.ones_like(var) if self.options.normalize else -var

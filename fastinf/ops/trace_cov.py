@@ -1,0 +1,106 @@
+"""−covariance (or −correlation) of loss traces over draws: the BIF kernel (METHODS.md §8).
+
+trace_cov(X (N, n), Y (N, m)) = −(1/(N−1)) Σ_d (Y_d − Ȳ)ᵀ (X_d − X̄)  → (m, n);
+``normalize=True`` divides by the standard deviations (−Pearson correlation).
+
+The reference accumulates over blocks of draws with the pairwise (Chan et al.) merge of means and
+co-moments — never the one-pass Σxy − Nμμᵀ — so long float32 traces stay accurate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import implementation, resolve
+
+__all__ = ["trace_cov", "trace_cov_reference", "CoMoments"]
+
+
+class CoMoments:
+    """Streaming means and co-moments of paired traces, merged block by block (Chan et al. 1979).
+
+    ``update(Xb (b, n), Yb (b, m))`` adds a block of draws; ``merge(other)`` combines two
+    accumulators (e.g. chains, or ranks of a distributed run).
+    """
+
+    def __init__(self, n: int, m: int, dtype=torch.float64, device=None) -> None:
+        self.count = 0
+        self.mx = torch.zeros(n, dtype=dtype, device=device)
+        self.my = torch.zeros(m, dtype=dtype, device=device)
+        self.sxx = torch.zeros(n, dtype=dtype, device=device)
+        self.syy = torch.zeros(m, dtype=dtype, device=device)
+        self.sxy = torch.zeros(m, n, dtype=dtype, device=device)
+
+    def _merge_stats(self, nb, mxb, myb, sxxb, syyb, sxyb) -> None:
+        na = self.count
+        tot = na + nb
+        dx, dy = mxb - self.mx, myb - self.my
+        f = na * nb / tot
+        self.sxy += sxyb + f * torch.outer(dy, dx)
+        self.sxx += sxxb + f * dx * dx
+        self.syy += syyb + f * dy * dy
+        self.mx += dx * (nb / tot)
+        self.my += dy * (nb / tot)
+        self.count = tot
+
+    def update(self, Xb: torch.Tensor, Yb: torch.Tensor) -> CoMoments:
+        b = Xb.shape[0]
+        if b == 0:
+            return self
+        Xb, Yb = Xb.to(self.mx.dtype), Yb.to(self.my.dtype)
+        mxb, myb = Xb.mean(0), Yb.mean(0)
+        xc, yc = Xb - mxb, Yb - myb
+        self._merge_stats(b, mxb, myb, xc.pow(2).sum(0), yc.pow(2).sum(0), yc.T @ xc)
+        return self
+
+    def merge(self, other: CoMoments) -> CoMoments:
+        if other.count:
+            self._merge_stats(other.count, other.mx, other.my, other.sxx, other.syy, other.sxy)
+        return self
+
+    def result(self, normalize: bool = False) -> torch.Tensor:
+        """−covariance (m, n), or −correlation with ``normalize=True``."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 draws for a covariance, got {self.count}")
+        cov = self.sxy / (self.count - 1)
+        if not normalize:
+            return -cov
+        sx, sy = self.sxx.sqrt(), self.syy.sqrt()
+        if bool((sx == 0).any()) or bool((sy == 0).any()):
+            which = "train" if bool((sx == 0).any()) else "query"
+            idx = int(torch.nonzero(sx == 0)[0, 0]) if which == "train" else int(torch.nonzero(sy == 0)[0, 0])
+            raise ValueError(
+                f"normalize=True: the {which} trace of example {idx} has zero variance (correlation undefined)"
+            )
+        return -(self.sxy / torch.outer(sy, sx))
+
+
+def _check(X: torch.Tensor, Y: torch.Tensor) -> None:
+    if X.dim() != 2 or Y.dim() != 2:
+        raise ValueError(f"trace_cov: X (N, n) and Y (N, m) must be 2-D, got {tuple(X.shape)}, {tuple(Y.shape)}")
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"trace_cov: X has {X.shape[0]} draws but Y has {Y.shape[0]}")
+    if X.shape[0] < 2:
+        raise ValueError("trace_cov: need at least 2 draws")
+
+
+def trace_cov_reference(
+    X: torch.Tensor, Y: torch.Tensor, normalize: bool = False, *, block: int = 256, dtype=None
+) -> torch.Tensor:
+    """PyTorch reference: blocks of ``block`` draws merged pairwise; accumulates in float64 by
+    default (``dtype`` overrides, at least float32). Returns (m, n)."""
+    _check(X, Y)
+    acc_dtype = dtype or torch.float64
+    acc = CoMoments(X.shape[1], Y.shape[1], dtype=acc_dtype, device=X.device)
+    for s in range(0, X.shape[0], block):
+        acc.update(X[s : s + block], Y[s : s + block])
+    return acc.result(normalize)
+
+
+def trace_cov(X: torch.Tensor, Y: torch.Tensor, normalize: bool = False, *, backend: str = "auto", **kw):
+    """Dispatching version of :func:`trace_cov_reference` (same contract)."""
+    b = resolve("trace_cov", backend, X.device)
+    if b == "torch":
+        return trace_cov_reference(X, Y, normalize, **kw)
+    _check(X, Y)
+    return implementation("trace_cov", b)(X, Y, normalize, **kw)
