@@ -24,7 +24,7 @@ from .estimators import (
     influence,
 )
 from .gradients import GradientSet, GradientStore, LoRAGradientCollector
-from .traces import LossTrace
+from .traces import LossTrace, checkpoint_gram, loss_table
 
 __all__ = [
     "BIF",
@@ -43,6 +43,8 @@ __all__ = [
     "RRInfFixedPoint",
     "__version__",
     "available_methods",
+    "checkpoint_gram",
+    "loss_table",
     "get_estimator",
     "influence",
     "ops",
