@@ -33,6 +33,11 @@ class CoMoments:
 
     def _merge_stats(self, nb, mxb, myb, sxxb, syyb, sxyb) -> None:
         na = self.count
+        if na == 0:  # first block: take its statistics as they are (no pass over the (m, n) matrix)
+            self.mx, self.my, self.sxx, self.syy = mxb.clone(), myb.clone(), sxxb.clone(), syyb.clone()
+            self.sxy = sxyb if sxyb.dtype == self.sxy.dtype else sxyb.to(self.sxy.dtype)
+            self.count = nb
+            return
         tot = na + nb
         dx, dy = mxb - self.mx, myb - self.my
         f = na * nb / tot
@@ -62,9 +67,8 @@ class CoMoments:
         """−covariance (m, n), or −correlation with ``normalize=True``."""
         if self.count < 2:
             raise ValueError(f"need at least 2 draws for a covariance, got {self.count}")
-        cov = self.sxy / (self.count - 1)
         if not normalize:
-            return -cov
+            return self.sxy.mul(-1.0 / (self.count - 1))
         sx, sy = self.sxx.sqrt(), self.syy.sqrt()
         if bool((sx == 0).any()) or bool((sy == 0).any()):
             which = "train" if bool((sx == 0).any()) else "query"
@@ -72,7 +76,7 @@ class CoMoments:
             raise ValueError(
                 f"normalize=True: the {which} trace of example {idx} has zero variance (correlation undefined)"
             )
-        return -(self.sxy / torch.outer(sy, sx))
+        return self.sxy.div(torch.outer(sy, sx)).neg_()
 
 
 def _check(X: torch.Tensor, Y: torch.Tensor) -> None:
