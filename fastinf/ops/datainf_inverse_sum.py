@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import implementation, resolve
+from ._dispatch import select
 
 __all__ = ["datainf_inverse_sum", "datainf_inverse_sum_reference"]
 
@@ -55,9 +55,14 @@ def datainf_inverse_sum_reference(
 def datainf_inverse_sum(
     G: torch.Tensor, T: torch.Tensor, lam: float, *, backend: str = "auto", **kwargs
 ) -> torch.Tensor:
-    """Dispatching version of :func:`datainf_inverse_sum_reference` (same contract)."""
-    b = resolve("datainf_inverse_sum", backend, G.device)
-    if b == "torch":
-        return datainf_inverse_sum_reference(G, T, lam, **kwargs)
+    """Dispatching version of :func:`datainf_inverse_sum_reference` (same contract and keyword options).
+
+    ``backend``: ``"auto"`` (CUDA extension > Triton > PyTorch, see :func:`fastinf.ops.backends`),
+    ``"cuda"``, ``"triton"`` or ``"torch"``. The kernels accept float16/bfloat16/float32 inputs and
+    accumulate in float32; float64 runs on the PyTorch reference.
+    """
     _check(G, T, lam)
-    return implementation("datainf_inverse_sum", b)(G, T, lam, **kwargs)
+    _, fn = select("datainf_inverse_sum", backend, G.device, (G, T, lam), kwargs)
+    if fn is None:
+        return datainf_inverse_sum_reference(G, T, lam, **kwargs)
+    return fn(G, T, lam, **kwargs)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import implementation, resolve
+from ._dispatch import select
 
 __all__ = ["lora_per_sample_grads", "lora_per_sample_grads_reference"]
 
@@ -79,9 +79,14 @@ def lora_per_sample_grads(
     return_sq_norms: bool = False,
     backend: str = "auto",
 ):
-    """Dispatching version of :func:`lora_per_sample_grads_reference` (same contract)."""
-    b = resolve("lora_per_sample_grads", backend, x.device)
-    if b == "torch":
-        return lora_per_sample_grads_reference(x, dy, A, B, scale, mask, return_sq_norms=return_sq_norms)
+    """Dispatching version of :func:`lora_per_sample_grads_reference` (same contract).
+
+    ``backend``: ``"auto"`` (CUDA extension > Triton > PyTorch), ``"cuda"``, ``"triton"`` or ``"torch"``.
+    The kernels read x and dy in one kernel launch (no float32 copies, mask applied on the fly), accept
+    float16/bfloat16/float32 and accumulate in float32; float64 runs on the PyTorch reference.
+    """
     _check(x, dy, A, B, mask)
-    return implementation("lora_per_sample_grads", b)(x, dy, A, B, scale, mask, return_sq_norms=return_sq_norms)
+    _, fn = select("lora_per_sample_grads", backend, x.device, (x, dy, A, B, scale, mask))
+    if fn is None:
+        return lora_per_sample_grads_reference(x, dy, A, B, scale, mask, return_sq_norms=return_sq_norms)
+    return fn(x, dy, A, B, scale, mask, return_sq_norms=return_sq_norms)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import implementation, resolve
+from ._dispatch import select
 
 __all__ = ["rrinf_row_updates", "rrinf_row_updates_reference"]
 
@@ -88,8 +88,14 @@ def rrinf_row_updates(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Dispatching version of :func:`rrinf_row_updates_reference` (same contract)."""
-    b = resolve("rrinf_row_updates", backend, omega.device)
-    if b == "torch":
+    """Dispatching version of :func:`rrinf_row_updates_reference` (same contract).
+
+    ``backend``: ``"auto"`` (CUDA extension > Triton > PyTorch), ``"cuda"``, ``"triton"`` or ``"torch"``.
+    The kernels run all steps in one launch; Ω is kept in float32 on chip (float64 runs on the reference).
+    """
+    lr_max = float(lr.max()) if isinstance(lr, torch.Tensor) else float(lr)
+    _check(rows, targets, omega, lr_max, reg, batch_size)
+    _, fn = select("rrinf_row_updates", backend, omega.device, (rows, targets, omega, lr, reg, batch_size))
+    if fn is None:
         return rrinf_row_updates_reference(rows, targets, omega, lr, reg, batch_size)
-    return implementation("rrinf_row_updates", b)(rows, targets, omega, lr, reg, batch_size)
+    return fn(rows, targets, omega, lr, reg, batch_size)
