@@ -1,0 +1,212 @@
+"""Triton: DataInf's preconditioned test vectors H = (T − C G / n) / λ, C_ji = (t_j·g_i)/(λ + ‖g_i‖²).
+
+Two tensor-core passes over G for all m tests at once (the same plan as ``csrc/datainf_inverse_sum.cu``):
+
+* ``_datainf_inverse_sum_coef_kernel``: P = T Gᵀ (m × n, float32), split over the width d when m × n
+  alone gives too few tiles (one float32 slice per split, summed afterwards: deterministic), with ‖g_i‖²
+  from the same G tiles;
+* ``_datainf_inverse_sum_kernel``: H = (T − (P·cinv) G)·(1/λ), cinv_i = 1/((λ + ‖g_i‖²) n), C formed
+  on the fly from the P tile; the epilogue reads T once.
+
+Programs that share a G tile are adjacent in launch order (the m tile varies fastest), so each G tile comes
+from device memory once per pass and from L2 for the other m tiles. The only m × n intermediate is P
+(m n 4 bytes, 9 MB at m = 512, n = 4500, against 590 MB of bf16 G at d = 65k); removing it would need
+every C_ji before any g_i is used (a grid-wide dependency) or atomics on the m × d output.
+float16/bfloat16 inputs use 16-bit tensor-core operands (C rounded to the input type), float32 inputs use
+3×TF32 (``tf32x3``, about float32 accuracy); accumulation is float32 throughout.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+
+__all__ = ["datainf_inverse_sum_triton"]
+
+
+@triton.jit
+def _datainf_inverse_sum_coef_kernel(
+    T_ptr,
+    G_ptr,
+    P_ptr,
+    NSQ_ptr,
+    m,
+    n,
+    d,
+    d_per_split,
+    stride_tm,
+    stride_td,
+    stride_gn,
+    stride_gd,
+    COMPUTE_NSQ: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(m, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < m
+    n_ok = offs_n < n
+    rows_t = offs_m.to(tl.int64)[:, None] * stride_tm  # 64-bit offsets: n d may exceed 2**31
+    rows_g = offs_n.to(tl.int64)[:, None] * stride_gn
+    k_lo = pid_s * d_per_split
+    k_hi = tl.minimum(k_lo + d_per_split, d)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    nsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        t = tl.load(
+            T_ptr + rows_t + offs_k[None, :] * stride_td,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        g = tl.load(
+            G_ptr + rows_g + offs_k[None, :] * stride_gd,
+            mask=n_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(t, tl.trans(g), acc, input_precision=PRECISION)
+        if COMPUTE_NSQ:
+            gf = g.to(tl.float32)
+            nsq += tl.sum(gf * gf, axis=1)
+    p_ptrs = P_ptr + pid_s.to(tl.int64) * m * n + offs_m.to(tl.int64)[:, None] * n + offs_n[None, :]
+    tl.store(p_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+    if COMPUTE_NSQ:
+        tl.store(NSQ_ptr + pid_s * n + offs_n, nsq, mask=n_ok & (pid_m == 0))
+
+
+@triton.jit
+def _datainf_inverse_sum_kernel(
+    T_ptr,
+    G_ptr,
+    P_ptr,
+    CINV_ptr,
+    H_ptr,
+    m,
+    n,
+    d,
+    inv_lam,
+    stride_tm,
+    stride_td,
+    stride_gn,
+    stride_gd,
+    ACCUMULATE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(m, BLOCK_M)
+    pid_m = pid % num_m
+    pid_d = pid // num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_ok = offs_m < m
+    d_ok = offs_d < d
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, n, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < n
+        p_ptrs = P_ptr + offs_m.to(tl.int64)[:, None] * n + offs_k[None, :]
+        p = tl.load(p_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        ci = tl.load(CINV_ptr + offs_k, mask=k_ok, other=0.0)
+        g = tl.load(
+            G_ptr + offs_k.to(tl.int64)[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        c = (p * ci[None, :]).to(g.dtype)
+        acc = tl.dot(c, g, acc, input_precision=PRECISION)
+    h_ptrs = H_ptr + offs_m.to(tl.int64)[:, None] * d + offs_d[None, :]
+    hmask = m_ok[:, None] & d_ok[None, :]
+    if ACCUMULATE:
+        h = tl.load(h_ptrs, mask=hmask, other=0.0) - acc * inv_lam
+    else:
+        t_ptrs = T_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_d[None, :] * stride_td
+        t = tl.load(t_ptrs, mask=hmask, other=0.0)
+        h = (t.to(tl.float32) - acc) * inv_lam
+    tl.store(h_ptrs, h, mask=hmask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _configs(dtype: torch.dtype, m: int):
+    """(coef config, apply config): block sizes, warps and pipeline stages for this dtype and m."""
+    if _interpreting():
+        one = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
+        return one, {"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
+    bm = 64 if m <= 64 else 128
+    bk = 32 if dtype == torch.float32 else 64
+    coef = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": bk, "num_warps": 4 if bm == 64 else 8, "num_stages": 3}
+    apply = {"BLOCK_M": bm, "BLOCK_D": 128, "BLOCK_K": bk, "num_warps": 4 if bm == 64 else 8, "num_stages": 3}
+    return coef, apply
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # (16-bit operands ignore it)
+
+
+def datainf_inverse_sum_triton(G, T, lam, *, sq_norms=None, chunk_size=None, config=None):
+    """Triton version of :func:`fastinf.ops.datainf_inverse_sum_reference` (same contract; float32 output).
+
+    ``config``: optional ``(coef, apply)`` dicts overriding the block sizes (for tuning runs).
+    Under ``TRITON_INTERPRET=1`` bfloat16 inputs are upcast to float32 (the interpreter mishandles bf16).
+    """
+    if _interpreting() and torch.bfloat16 in (G.dtype, T.dtype):
+        G, T = G.float(), T.float()
+    dt = _common.compute_dtype(G, T)
+    cfg_coef, cfg_apply = config or _configs(dt, T.shape[0])
+    prec = _precision(dt)
+    sms = _sm_count(G.device)
+
+    def coef(g, t, need_nsq):
+        n, d = g.shape
+        m = t.shape[0]
+        bm, bn, bk = cfg_coef["BLOCK_M"], cfg_coef["BLOCK_N"], cfg_coef["BLOCK_K"]
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(d, 8 * bk)))
+        per = triton.cdiv(triton.cdiv(d, split), bk) * bk
+        split = max(1, triton.cdiv(d, per))
+        P = torch.empty(split, m, n, dtype=torch.float32, device=g.device)
+        nsq = torch.empty(split, n, dtype=torch.float32, device=g.device) if need_nsq else P
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+        _datainf_inverse_sum_coef_kernel[grid](
+            t, g, P, nsq, m, n, d, per, t.stride(0), t.stride(1), g.stride(0), g.stride(1),
+            COMPUTE_NSQ=need_nsq, PRECISION=prec, **cfg_coef,
+        )  # fmt: skip
+        P = P[0] if split == 1 else P.sum(0)
+        if not need_nsq:
+            return P, None
+        return P, (nsq[0] if split == 1 else nsq.sum(0))
+
+    def apply(g, t, P, cinv, H, inv_lam, accumulate):
+        n, d = g.shape
+        m = t.shape[0]
+        grid = (triton.cdiv(m, cfg_apply["BLOCK_M"]) * triton.cdiv(d, cfg_apply["BLOCK_D"]),)
+        _datainf_inverse_sum_kernel[grid](
+            t, g, P, cinv, H, m, n, d, inv_lam, t.stride(0), t.stride(1), g.stride(0), g.stride(1),
+            ACCUMULATE=accumulate, PRECISION=prec, **cfg_apply,
+        )  # fmt: skip
+
+    return _common.datainf_run(G, T, lam, sq_norms, chunk_size, coef, apply)
