@@ -1,0 +1,159 @@
+// Python bindings of the CUDA kernels: tensors in, launchers (launchers.h) called on the current stream.
+// The Python side (fastinf/_ext/ops.py) validates the op contract, unifies dtypes and orchestrates; these
+// functions check what the launchers rely on (device, dtype, shapes) and allocate outputs / workspaces.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+
+#include <optional>
+#include <vector>
+
+#include "checks.h"
+#include "launchers.h"
+
+namespace {
+
+using fastinf::DType;
+
+DType dtype_code(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      FASTINF_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  FASTINF_CHECK(a.scalar_type() == b.scalar_type(), name, " must have dtype ", a.scalar_type(), ", got ",
+                b.scalar_type());
+  FASTINF_CHECK(a.device() == b.device(), name, " must be on ", a.device(), ", got ", b.device());
+}
+
+// (pA (N, C, r, din), pB (N, C, dout, r)) float32 chunk partials; gA = pA.sum(1), gB = pB.sum(1).
+std::vector<at::Tensor> lora_partials(at::Tensor x, at::Tensor dy, at::Tensor A, at::Tensor B, double scale,
+                                      std::optional<at::Tensor> mask) {
+  FASTINF_CHECK_CUDA(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const DType dt = dtype_code(x, "x");
+  check_same(x, dy, "dy");
+  check_same(x, A, "A");
+  check_same(x, B, "B");
+  FASTINF_CHECK(x.dim() == 3 && dy.dim() == 3 && A.dim() == 2 && B.dim() == 2, "lora_partials: bad ranks");
+  const int64_t N = x.size(0), S = x.size(1), din = x.size(2), dout = dy.size(2), r = A.size(0);
+  FASTINF_CHECK(dy.size(0) == N && dy.size(1) == S && A.size(1) == din && B.size(0) == dout && B.size(1) == r,
+                "lora_partials: shapes do not match");
+  x = x.contiguous();
+  dy = dy.contiguous();
+  A = A.contiguous();
+  B = B.contiguous();
+  at::Tensor m;
+  const float* mp = nullptr;
+  if (mask.has_value() && mask->defined()) {
+    m = mask->to(x.device(), at::kFloat).contiguous();
+    FASTINF_CHECK(m.numel() == N * S, "lora_partials: mask must be (N, S)");
+    mp = m.data_ptr<float>();
+  }
+  const int64_t C = (S + fastinf::lora_chunk_rows() - 1) / fastinf::lora_chunk_rows();
+  const auto opts = x.options().dtype(at::kFloat);
+  at::Tensor pA = at::empty({N, C, r, din}, opts);
+  at::Tensor pB = at::empty({N, C, dout, r}, opts);
+  fastinf::lora_per_sample_grads_launch(dt, x.data_ptr(), dy.data_ptr(), A.data_ptr(), B.data_ptr(), mp,
+                                        pA.data_ptr<float>(), pB.data_ptr<float>(), N, S, din, dout, r,
+                                        static_cast<float>(scale));
+  return {pA, pB};
+}
+
+// (P (m, n) float32 = T G^T, nsq (n,) float32 = row sums of squares of G, or an undefined tensor).
+std::vector<at::Tensor> datainf_coef(at::Tensor G, at::Tensor T, bool compute_nsq) {
+  FASTINF_CHECK_CUDA(G);
+  const c10::cuda::CUDAGuard guard(G.device());
+  const DType dt = dtype_code(G, "G");
+  check_same(G, T, "T");
+  FASTINF_CHECK(G.dim() == 2 && T.dim() == 2 && G.size(1) == T.size(1), "datainf_coef: G (n, d) and T (m, d)");
+  G = G.contiguous();
+  T = T.contiguous();
+  const int64_t n = G.size(0), d = G.size(1), m = T.size(0);
+  int64_t split = 1, per = 0;
+  fastinf::datainf_plan_split(m, n, d, &split, &per);
+  const auto opts = G.options().dtype(at::kFloat);
+  at::Tensor P = at::empty({split, m, n}, opts);
+  at::Tensor nsq;
+  if (compute_nsq) nsq = at::empty({split, n}, opts);
+  if (d == 0) {
+    P.zero_();
+    if (compute_nsq) nsq.zero_();
+  } else {
+    fastinf::datainf_coef_launch(dt, T.data_ptr(), G.data_ptr(), P.data_ptr<float>(),
+                                 compute_nsq ? nsq.data_ptr<float>() : nullptr, m, n, d, split, per);
+  }
+  at::Tensor Psum = split == 1 ? P.squeeze(0) : P.sum(0);
+  at::Tensor nsum = compute_nsq ? (split == 1 ? nsq.squeeze(0) : nsq.sum(0)) : at::Tensor();
+  return {Psum, nsum};
+}
+
+// H (m, d) float32, written in place: (T - (P * cinv) G) * inv_lam, or H -= ((P * cinv) G) * inv_lam.
+void datainf_apply(at::Tensor G, at::Tensor T, at::Tensor P, at::Tensor cinv, at::Tensor H, double inv_lam,
+                   bool accumulate) {
+  FASTINF_CHECK_CUDA(G);
+  const c10::cuda::CUDAGuard guard(G.device());
+  const DType dt = dtype_code(G, "G");
+  check_same(G, T, "T");
+  FASTINF_CHECK_INPUT(P);
+  FASTINF_CHECK_INPUT(cinv);
+  FASTINF_CHECK_INPUT(H);
+  FASTINF_CHECK(P.scalar_type() == at::kFloat && cinv.scalar_type() == at::kFloat && H.scalar_type() == at::kFloat,
+                "datainf_apply: P, cinv and H must be float32");
+  G = G.contiguous();
+  T = T.contiguous();
+  const int64_t n = G.size(0), d = G.size(1), m = T.size(0);
+  FASTINF_CHECK(P.size(0) == m && P.size(1) == n && cinv.numel() == n && H.size(0) == m && H.size(1) == d,
+                "datainf_apply: shapes do not match");
+  fastinf::datainf_apply_launch(dt, T.data_ptr(), G.data_ptr(), P.data_ptr<float>(), cinv.data_ptr<float>(),
+                                H.data_ptr<float>(), m, n, d, static_cast<float>(inv_lam), accumulate);
+}
+
+// omega (n, m) float32 contiguous, updated in place over all steps in one launch.
+void rrinf_updates(at::Tensor rows, at::Tensor targets, at::Tensor lr, at::Tensor omega, double reg,
+                   int64_t batch_size) {
+  FASTINF_CHECK_CUDA(rows);
+  const c10::cuda::CUDAGuard guard(rows.device());
+  const DType dt = dtype_code(rows, "rows");
+  check_same(rows, targets, "targets");
+  FASTINF_CHECK_INPUT(omega);
+  FASTINF_CHECK_INPUT(lr);
+  FASTINF_CHECK(omega.scalar_type() == at::kFloat && lr.scalar_type() == at::kFloat,
+                "rrinf_updates: omega and lr must be float32");
+  rows = rows.contiguous();
+  targets = targets.contiguous();
+  const int64_t n = rows.size(1), m = targets.size(1);
+  FASTINF_CHECK(batch_size >= 1 && rows.size(0) % batch_size == 0, "rrinf_updates: bad batch_size");
+  const int64_t steps = rows.size(0) / batch_size;
+  FASTINF_CHECK(omega.size(0) == n && omega.size(1) == m && lr.numel() == steps && targets.size(0) == rows.size(0),
+                "rrinf_updates: shapes do not match");
+  const int64_t wsn = fastinf::rrinf_workspace_floats(n, m, batch_size);
+  at::Tensor ws;
+  if (wsn > 0) ws = at::empty({wsn}, omega.options());
+  fastinf::rrinf_row_updates_launch(dt, rows.data_ptr(), targets.data_ptr(), lr.data_ptr<float>(),
+                                    omega.data_ptr<float>(), wsn > 0 ? ws.data_ptr<float>() : nullptr, n, m, steps,
+                                    batch_size, static_cast<float>(reg));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastinf CUDA kernels (see fastinf/_ext/ops.py for the Python-level contracts)";
+  m.def("lora_partials", &lora_partials, "per-example LoRA gradient chunk partials", py::arg("x"), py::arg("dy"),
+        py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("mask") = py::none());
+  m.def("datainf_coef", &datainf_coef, "DataInf pass 1: P = T G^T and |g_i|^2", py::arg("G"), py::arg("T"),
+        py::arg("compute_nsq"));
+  m.def("datainf_apply", &datainf_apply, "DataInf pass 2: H = (T - (P cinv) G) / lam", py::arg("G"), py::arg("T"),
+        py::arg("P"), py::arg("cinv"), py::arg("H"), py::arg("inv_lam"), py::arg("accumulate"));
+  m.def("rrinf_updates", &rrinf_updates, "RRInf row updates, all steps in one launch", py::arg("rows"),
+        py::arg("targets"), py::arg("lr"), py::arg("omega"), py::arg("reg"), py::arg("batch_size"));
+}
