@@ -33,12 +33,18 @@ cmdclass = {"build_py": BuildPyWithCsrc}
 ext_modules = []
 
 if os.environ.get("FASTINF_BUILD_CUDA") == "1":
-    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[up]*"))
-    if not cuda_sources:
-        raise SystemExit("FASTINF_BUILD_CUDA=1 but csrc/ holds no CUDA sources yet")
+    # the same build description as the lazy JIT build (fastinf/_ext/build.py), loaded by path so that
+    # nothing of fastinf is imported here
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fastinf_build", ROOT / "fastinf" / "_ext" / "build.py")
+    _build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(_build)
+    if not _build.sources(ROOT / "csrc"):
+        raise SystemExit("FASTINF_BUILD_CUDA=1 but csrc/ holds no CUDA sources")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # noqa: E402
 
-    ext_modules.append(CUDAExtension("fastinf._C", cuda_sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
+    ext_modules.append(CUDAExtension(**_build.extension_kwargs(ROOT)))
     cmdclass["build_ext"] = BuildExtension
 
 setup(cmdclass=cmdclass, ext_modules=ext_modules)

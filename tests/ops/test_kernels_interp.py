@@ -1,0 +1,266 @@
+"""Tier (b): the Triton kernels under TRITON_INTERPRET=1 against the PyTorch references, at small awkward
+shapes (one example, rank 1, non-powers of two, masked tails, S and d not multiples of the block, several
+programs, split-K, chunked passes, zero rows and all-zero steps). Plus the dispatcher's logic.
+
+The interpreter runs on CPU tensors and computes bfloat16 wrongly, so the launchers upcast bf16 there;
+real bf16 is checked in the GPU tier (tests/ops/test_gpu.py). Each case is kept tiny: the interpreter
+executes every program instance in Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastinf import ops
+from fastinf.ops import _dispatch
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter")
+interp = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 set before triton is imported"
+)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# tolerance on ‖out − ref‖/‖ref‖: float32 inputs (3×TF32 on GPU, exact float32 here) and float16
+# (16-bit tensor-core operands: A, B and the intermediates u, v, C are rounded to float16)
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-5}  # bf16 is upcast here
+
+
+# -------------------------------------------------------------------------------------------- LoRA
+LORA_CASES = [
+    # N, S, d_in, d_out, r, dtype, mask
+    (1, 1, 1, 1, 1, torch.float32, None),
+    (2, 37, 21, 19, 3, torch.float32, "float"),  # S not a multiple of the block, masked tail
+    (1, 33, 17, 40, 17, torch.float16, "bool"),  # r over one rank tile, d_out over two d tiles
+    (2, 20, 24, 24, 8, torch.bfloat16, None),
+]
+
+
+@interp
+@pytest.mark.interp
+@pytest.mark.parametrize("N,S,din,dout,r,dtype,mask", LORA_CASES)
+def test_lora_per_sample_grads_triton(N, S, din, dout, r, dtype, mask):
+    from fastinf.kernels.lora_per_sample_grads import lora_per_sample_grads_triton
+
+    g = _gen(N * 1000 + S)
+    x = torch.randn(N, S, din, generator=g).to(dtype)
+    dy = torch.randn(N, S, dout, generator=g).to(dtype)
+    A, B = torch.randn(r, din, generator=g), torch.randn(dout, r, generator=g)
+    m = None
+    if mask is not None:
+        m = torch.rand(N, S, generator=g) > 0.3
+        m[:, -1] = False  # the last row masked out
+        m = m if mask == "bool" else m.float()
+    got = lora_per_sample_grads_triton(x, dy, A, B, 0.7, m, return_sq_norms=True)
+    ref = ops.lora_per_sample_grads_reference(x, dy, A, B, 0.7, m, return_sq_norms=True)
+    for a, b in zip(got, ref, strict=True):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        assert torch.isfinite(a).all()
+        assert _rel(a, b) < TOL[dtype]
+
+
+@interp
+@pytest.mark.interp
+def test_lora_per_sample_grads_triton_strided_inputs():
+    """Non-contiguous x / dy views (as a hook may hand over) are read through their strides."""
+    from fastinf.kernels.lora_per_sample_grads import lora_per_sample_grads_triton
+
+    g = _gen(7)
+    x = torch.randn(19, 2, 12, generator=g).transpose(0, 1)  # (2, 19, 12), non-contiguous
+    dy = torch.randn(2, 19, 30, generator=g)[:, :, 3:26]  # (2, 19, 23), strided rows
+    A, B = torch.randn(2, 12, generator=g), torch.randn(23, 2, generator=g)
+    got = lora_per_sample_grads_triton(x, dy, A, B, 2.0)
+    ref = ops.lora_per_sample_grads_reference(x, dy, A, B, 2.0)
+    assert max(_rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------- DataInf
+DATAINF_CASES = [
+    # n, d, m, dtype, chunk_size, sq_norms
+    (1, 1, 1, torch.float32, None, False),
+    (37, 45, 3, torch.float32, None, False),  # several G tiles, masked tails everywhere
+    (16, 300, 1, torch.float32, None, False),  # few tiles: the width is split (split-K) and summed
+    (29, 50, 17, torch.float16, 8, True),  # chunked passes (accumulating epilogue), given ‖g‖², two m tiles
+    (9, 33, 5, torch.bfloat16, None, False),
+]
+
+
+@interp
+@pytest.mark.interp
+@pytest.mark.parametrize("n,d,m,dtype,chunk,given_sq", DATAINF_CASES)
+def test_datainf_inverse_sum_triton(n, d, m, dtype, chunk, given_sq):
+    from fastinf.kernels.datainf_inverse_sum import datainf_inverse_sum_triton
+
+    g = _gen(n * 100 + d)
+    G = torch.randn(n, d, generator=g).to(dtype)
+    T = torch.randn(m, d, generator=g).to(dtype)
+    lam = 0.37
+    sq = G.float().pow(2).sum(1) if given_sq else None
+    got = datainf_inverse_sum_triton(G, T, lam, sq_norms=sq, chunk_size=chunk)
+    ref = ops.datainf_inverse_sum_reference(G, T, lam, sq_norms=sq)
+    assert got.shape == ref.shape and got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert _rel(got, ref) < TOL[dtype]
+
+
+@interp
+@pytest.mark.interp
+def test_datainf_inverse_sum_triton_column_slices():
+    """Blocks cut out of a wider (n, D) matrix (the estimators' layout) are strided views."""
+    from fastinf.kernels.datainf_inverse_sum import datainf_inverse_sum_triton
+
+    g = _gen(3)
+    full_G, full_T = torch.randn(21, 40, generator=g), torch.randn(4, 40, generator=g)
+    G, T = full_G[:, 5:30], full_T[:, 5:30]
+    assert not G.is_contiguous()
+    got = datainf_inverse_sum_triton(G, T, 0.2)
+    assert _rel(got, ops.datainf_inverse_sum_reference(G, T, 0.2)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- RRInf
+RRINF_CASES = [
+    # steps*batch, n, m, batch, dtype, lr as a per-step tensor, reg
+    (1, 1, 1, 1, torch.float32, False, 0.01),
+    (12, 7, 5, 3, torch.float32, True, 0.01),  # a zero row, an all-zero step, per-step lr
+    (10, 33, 9, 1, torch.float16, False, 0.0),  # several programs (columns split), no regularisation
+    (8, 20, 3, 2, torch.bfloat16, True, 0.05),
+]
+
+
+@interp
+@pytest.mark.interp
+@pytest.mark.parametrize("T,n,m,b,dtype,lr_tensor,reg", RRINF_CASES)
+def test_rrinf_row_updates_triton(T, n, m, b, dtype, lr_tensor, reg):
+    from fastinf.kernels.rrinf_row_updates import rrinf_row_updates_triton
+
+    g = _gen(T * 10 + n)
+    rows = torch.randn(T, n, generator=g).to(dtype)
+    if T > 1:
+        rows[1] = 0.0  # a zero row is skipped
+    if b > 1 and T >= 2 * b:
+        rows[b : 2 * b] = 0.0  # a step with only zero rows leaves Ω unchanged
+    targets = torch.randn(T, m, generator=g).to(dtype)
+    omega = torch.randn(n, m, generator=g)
+    lr = torch.rand(T // b, generator=g) * 0.1 + 0.01 if lr_tensor else 0.05
+    got = rrinf_row_updates_triton(rows, targets, omega, lr, reg, b)
+    ref = ops.rrinf_row_updates_reference(rows, targets, omega, lr, reg, b)
+    assert got.shape == ref.shape and got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert _rel(got, ref) < 1e-5
+    assert not torch.equal(omega, got)  # the input is left untouched, a new tensor is returned
+
+
+@interp
+@pytest.mark.interp
+def test_rrinf_row_updates_triton_first_step_from_zero():
+    """METHODS.md §5: the first step from Ω = 0 on row ι is exactly 2η υ_ι φ_ι / ‖φ_ι‖²."""
+    from fastinf.kernels.rrinf_row_updates import rrinf_row_updates_triton
+
+    g = _gen(11)
+    phi, ups = torch.randn(1, 6, generator=g), torch.randn(1, 2, generator=g)
+    got = rrinf_row_updates_triton(phi, ups, torch.zeros(6, 2), 0.01, 0.3, 1)
+    torch.testing.assert_close(got, 2 * 0.01 * phi[0, :, None] * ups[0][None, :] / phi.pow(2).sum())
+
+
+@interp
+@pytest.mark.interp
+def test_rrinf_row_updates_triton_bad_lr_length():
+    from fastinf.kernels.rrinf_row_updates import rrinf_row_updates_triton
+
+    with pytest.raises(ValueError, match="lr has 2 entries"):
+        rrinf_row_updates_triton(torch.ones(3, 2), torch.ones(3, 1), torch.zeros(2, 1), torch.ones(2), 0.0)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+@interp
+@pytest.mark.interp
+def test_register_all_registers_every_op():
+    from fastinf import kernels
+
+    kernels.register_all()
+    for op in kernels.OPS:
+        assert _dispatch.implementation(op, "triton") is not None
+
+
+@pytest.fixture
+def fake_backends(monkeypatch):
+    """A fake op whose cuda and triton kernels 'can run' on a (fake) CUDA device."""
+    calls = []
+    monkeypatch.setattr(_dispatch, "_why_unavailable", lambda b, device=None: None)
+    monkeypatch.setattr(_dispatch, "_ensure_loaded", lambda b: None)
+    monkeypatch.setattr(_dispatch, "_KERNELS", dict(_dispatch._KERNELS))
+    monkeypatch.setattr(_dispatch, "_SUPPORTS", dict(_dispatch._SUPPORTS))
+    monkeypatch.setattr(_dispatch, "_LOGGED", set())
+    monkeypatch.delenv("FASTINF_BACKEND", raising=False)
+
+    def no_f64(x):
+        return "float64 runs on the reference" if x.dtype == torch.float64 else None
+
+    _dispatch.register("fake_op", "cuda", lambda x: calls.append("cuda"), no_f64)
+    _dispatch.register("fake_op", "triton", lambda x: calls.append("triton"))
+    return calls
+
+
+def test_auto_prefers_cuda_then_triton_then_torch(fake_backends, caplog):
+    dev = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    x32, x64 = torch.ones(1), torch.ones(1, dtype=torch.float64)
+    with caplog.at_level(logging.INFO, logger="fastinf.ops"):
+        assert _dispatch.select("fake_op", "auto", dev, (x32,))[0] == "cuda"
+        assert _dispatch.select("fake_op", "auto", dev, (x32,))[0] == "cuda"
+        assert _dispatch.select("fake_op", "auto", dev, (x64,))[0] == "triton"  # cuda declines float64
+        assert _dispatch.select("fake_op", "auto", torch.device("cpu"), (x32,)) == ("torch", None)
+    msgs = [r.getMessage() for r in caplog.records if "fake_op" in r.getMessage()]
+    assert len(msgs) == 3  # once per (op, backend, device type)
+    assert "skipped cuda: float64 runs on the reference" in msgs[1]
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cuda:0: float64 runs on the reference"):
+        _dispatch.select("fake_op", "cuda", dev, (x64,))
+    assert _dispatch.select("fake_op", "triton", dev, (x64,))[0] == "triton"
+
+
+def test_env_override(fake_backends, monkeypatch):
+    dev = torch.device("cuda", 0)
+    monkeypatch.setenv("FASTINF_BACKEND", "triton")
+    assert _dispatch.select("fake_op", "auto", dev, (torch.ones(1),))[0] == "triton"
+    assert _dispatch.select("fake_op", "cuda", dev, (torch.ones(1),))[0] == "cuda"  # explicit beats env
+    monkeypatch.setenv("FASTINF_BACKEND", "torch")
+    assert _dispatch.select("fake_op", "auto", dev, (torch.ones(1),)) == ("torch", None)
+    monkeypatch.setenv("FASTINF_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="FASTINF_BACKEND"):
+        _dispatch.select("fake_op", "auto", dev, (torch.ones(1),))
+
+
+def test_explicit_backend_on_cpu_names_device_and_reason():
+    x = torch.ones(3, 4)
+    for b in ("cuda", "triton"):
+        with pytest.raises(RuntimeError, match=f"backend '{b}' cannot run on cpu: tensors are on cpu"):
+            ops.lora_per_sample_grads(x[None], x[None], torch.ones(2, 4), torch.ones(4, 2), backend=b)
+        with pytest.raises(RuntimeError, match=b):
+            ops.rrinf_row_updates(x, x, torch.zeros(4, 4), 0.1, 0.0, backend=b)
+
+
+def test_backends_report_and_stay_lean():
+    """backends() answers without importing triton, building anything or initialising CUDA."""
+    code = (
+        "import sys, torch, fastinf; s = fastinf.ops.backends(); "
+        "assert set(s) == {'cuda', 'triton', 'torch'} and s['torch'] == 'available', s; "
+        "assert all(v == 'available' or v.startswith('unavailable: ') for v in s.values()), s; "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "assert 'torch.utils.cpp_extension' not in sys.modules, 'cpp_extension imported'; "
+        "assert not torch.cuda.is_initialized(), 'cuda initialised'; "
+        "x = torch.randn(3, 4); fastinf.ops.datainf_inverse_sum(x, x, 0.1); "
+        "assert 'triton' not in sys.modules, 'a CPU op imported triton'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
