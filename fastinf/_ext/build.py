@@ -129,6 +129,10 @@ def why_unavailable() -> str | None:
         return _error
     if _module is not None or _prebuilt_available():
         return None
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build: the CUDA extension cannot be built or loaded"
     try:
         csrc_dir()
     except FileNotFoundError as e:
@@ -174,6 +178,9 @@ def load(verbose: bool = False):
         marker = bdir / "FAILED"
         if marker.exists():  # FASTINF_REBUILD=1
             marker.unlink()
+        nvcc = find_nvcc()
+        if nvcc and not os.environ.get("CUDA_HOME"):  # torch reads CUDA_HOME when cpp_extension is imported
+            os.environ["CUDA_HOME"] = str(Path(nvcc).resolve().parents[1])
         from torch.utils.cpp_extension import load as _jit_load
 
         t0 = time.perf_counter()

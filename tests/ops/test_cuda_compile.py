@@ -110,15 +110,18 @@ def test_cache_dir_and_key(monkeypatch, tmp_path):
 
 def test_build_failure_is_cached(monkeypatch, tmp_path):
     """A failed JIT build raises with the reason, leaves a FAILED log, and is not retried (until asked)."""
+    import torch
     import torch.utils.cpp_extension as ce
 
     monkeypatch.setenv("FASTINF_CACHE", str(tmp_path))
     monkeypatch.delenv("FASTINF_REBUILD", raising=False)
+    monkeypatch.setenv("CUDA_HOME", "/usr/local/cuda")
     monkeypatch.setattr(build, "_module", None)
     monkeypatch.setattr(build, "_error", None)
     monkeypatch.setattr(build, "_prebuilt_available", lambda: False)
     monkeypatch.setattr(build, "find_nvcc", lambda: "/usr/local/cuda/bin/nvcc")
     monkeypatch.setattr(build.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")  # a CUDA build of torch
     calls = []
 
     def boom(**kw):

@@ -1,0 +1,423 @@
+#!/usr/bin/env python
+"""Benchmark the numeric ops (``fastinf.ops``) on every available backend × dtype at realistic shapes.
+
+Ops and shapes (the kernels issue): per-example LoRA gradients with r = 8/16 on 4096-wide layers, S = 512,
+N = 16/64 (with a padding mask); DataInf's inverse sum with n = 4500, d = 65 536, m = 1…512; RRInf's row
+updates with n = 300/1000/5000, m = 100, T = 1000 steps. Backends: ``torch`` (the PyTorch reference, also
+the speed baseline), ``triton`` and ``cuda`` where they can run; dtypes float32, bfloat16, float16.
+
+In the same run it measures two ceilings on the same device: a large matrix product (bfloat16 and float32,
+``torch.matmul``, random data) and a large device-to-device copy (bytes read + written). Each row's
+``roofline_ms`` = max(flop / GEMM rate of its dtype, minimal bytes / copy bandwidth) and ``frac_roofline`` =
+roofline_ms / median_ms. ``flop`` counts the useful multiply-adds (×2); ``bytes`` counts each input read once
+and each output written once. ``speedup_vs_torch`` is the reference's median over this row's, same dtype;
+``max_rel_err`` is ‖out − ref‖/‖ref‖ against the reference's output on the same inputs.
+
+Usage::
+
+    python bench/bench_ops.py                       # GPU: full shapes -> bench/results/bench_ops.csv
+    python bench/bench_ops.py --quick               # any machine (CPU: the reference only), small shapes
+                                                    #   -> bench/results/bench_ops_quick.csv
+    python bench/bench_ops.py --ops datainf --dtypes bfloat16 --backends triton,cuda --out /tmp/x.csv
+
+Timing: CUDA events around each call (host clock on CPU), after warm-up (JIT compilation and the
+extension build stay out of the numbers); median, p20, p80 over at least ``--min-reps`` calls and up to
+``--budget`` seconds per row. The inputs of the full shapes are far larger than L2.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import datetime  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import fastinf  # noqa: E402
+from fastinf import ops  # noqa: E402
+
+DEFAULT_CSV = HERE / "results" / "bench_ops.csv"
+QUICK_CSV = HERE / "results" / "bench_ops_quick.csv"
+COLUMNS = [
+    "op",
+    "backend",
+    "shape",
+    "dtype",
+    "device",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "peak_mem_mb",
+    "gflop",
+    "gbytes",
+    "tflops",
+    "gbps",
+    "roofline_ms",
+    "frac_roofline",
+    "speedup_vs_torch",
+    "max_rel_err",
+    "version",
+    "date",
+    "note",
+]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    flop: float
+    nbytes: float
+    make: Callable[[torch.dtype, torch.device], tuple]  # -> args
+    call: Callable[..., object]  # call(backend, *args) -> output (tensor or tuple)
+
+
+def _esize(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
+
+
+# -------------------------------------------------------------------------------------------------- cases
+def lora_case(N: int, S: int, d: int, r: int) -> Case:
+    def make(dt, dev):
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(N, S, d, device=dev, generator=g).to(dt)
+        dy = torch.randn(N, S, d, device=dev, generator=g).to(dt)
+        A = torch.randn(r, d, device=dev, generator=g) / d**0.5
+        B = torch.randn(d, r, device=dev, generator=g)
+        lengths = torch.randint(S // 2, S + 1, (N,), device=dev, generator=g)
+        mask = (torch.arange(S, device=dev)[None, :] < lengths[:, None]).float()  # right padding
+        return x, dy, A, B, 2.0, mask
+
+    def call(backend, x, dy, A, B, scale, mask):
+        return ops.lora_per_sample_grads(x, dy, A, B, scale, mask, backend=backend)
+
+    flop = 4.0 * N * S * r * (2 * d)  # u, v, gA, gB: four products of 2·N·S·r·d
+    return Case("lora_per_sample_grads", f"N={N} S={S} d_in=d_out={d} r={r}", flop, 0.0, make, call)
+
+
+def lora_bytes(c: Case, dt: torch.dtype) -> float:
+    N, S, d, r = (int(p.split("=")[-1]) for p in c.shape.replace("d_in=d_out", "d").split())
+    return N * S * 2 * d * _esize(dt) + N * S * 4 + N * r * 2 * d * 4
+
+
+def datainf_case(n: int, d: int, m: int) -> Case:
+    def make(dt, dev):
+        g = torch.Generator(device=dev).manual_seed(1)
+        G = (torch.randn(n, d, device=dev, generator=g) * torch.rand(n, 1, device=dev, generator=g)).to(dt)
+        T = torch.randn(m, d, device=dev, generator=g).to(dt)
+        lam = 0.1 * float(G[: min(n, 256)].float().pow(2).mean())
+        return G, T, lam
+
+    def call(backend, G, T, lam):
+        return ops.datainf_inverse_sum(G, T, lam, backend=backend)
+
+    return Case("datainf_inverse_sum", f"n={n} d={d} m={m}", 4.0 * n * d * m, 0.0, make, call)
+
+
+def datainf_bytes(c: Case, dt: torch.dtype) -> float:
+    n, d, m = (int(p.split("=")[1]) for p in c.shape.split())
+    return n * d * _esize(dt) + m * d * _esize(dt) + m * d * 4
+
+
+def rrinf_case(T: int, n: int, m: int, b: int = 1) -> Case:
+    def make(dt, dev):
+        g = torch.Generator(device=dev).manual_seed(2)
+        rows = torch.randn(T * b, n, device=dev, generator=g).to(dt)
+        targets = (torch.randn(T * b, m, device=dev, generator=g) * n).to(dt)
+        omega = torch.zeros(n, m, device=dev)
+        return rows, targets, omega, 0.01, 1e-3, b
+
+    def call(backend, rows, targets, omega, lr, reg, bsz):
+        return ops.rrinf_row_updates(rows, targets, omega, lr, reg, bsz, backend=backend)
+
+    flop = T * b * (4.0 * n * m + 2.0 * n)  # per row: φᵀΩ (2nm), the update (2nm), ‖φ‖²
+    return Case("rrinf_row_updates", f"T={T} n={n} m={m} batch={b}", flop, 0.0, make, call)
+
+
+def rrinf_bytes(c: Case, dt: torch.dtype) -> float:
+    T, n, m, b = (int(p.split("=")[1]) for p in c.shape.split())
+    return T * b * (n + m) * _esize(dt) + 2 * n * m * 4
+
+
+BYTES = {"lora_per_sample_grads": lora_bytes, "datainf_inverse_sum": datainf_bytes, "rrinf_row_updates": rrinf_bytes}
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        return [
+            lora_case(2, 64, 256, 8),
+            datainf_case(300, 2048, 1),
+            datainf_case(300, 2048, 64),
+            rrinf_case(200, 300, 20),
+        ]
+    out = [lora_case(N, 512, 4096, r) for N in (16, 64) for r in (8, 16)]
+    out += [datainf_case(4500, 65536, m) for m in (1, 16, 64, 128, 512)]
+    out += [rrinf_case(1000, n, 100) for n in (300, 1000, 5000)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_fn(fn: Callable[[], object], dev: torch.device, *, warmup: int, min_reps: int, budget: float):
+    """(median, p20, p80) seconds of fn() and the peak extra device memory in MiB (0 on CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    peak = 0.0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    times: list[float] = []
+    t_start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - t_start < budget and len(times) < 200):
+        if dev.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+    med, p20, p80 = np.percentile(times, [50, 20, 80])
+    return float(med), float(p20), float(p80), peak
+
+
+def measure_ceilings(dev: torch.device, quick: bool) -> dict[str, float]:
+    """GEMM rate (flop/s) per dtype and copy bandwidth (bytes/s, read + write) on ``dev``; sizes in "what"."""
+    out: dict = {"what": {}}
+    n = 8192 if dev.type == "cuda" and not quick else (4096 if dev.type == "cuda" else 1024)
+    for name, dt in DTYPES.items():
+        if dev.type == "cpu" and dt != torch.float32:
+            continue
+        a = torch.randn(n, n, device=dev).to(dt)
+        b = torch.randn(n, n, device=dev).to(dt)
+        med = time_fn(lambda a=a, b=b: a @ b, dev, warmup=2, min_reps=5, budget=1.0)[0]
+        out[f"gemm_{name}"] = 2.0 * n**3 / med
+        out["what"][f"gemm_{name}"] = f"{n}^3 matmul, random data"
+        del a, b
+    if dev.type == "cpu":  # 16-bit matmuls on CPU are not a meaningful ceiling: use the float32 rate
+        out["gemm_bfloat16"] = out["gemm_float16"] = out["gemm_float32"]
+        out["what"]["gemm_bfloat16"] = out["what"]["gemm_float16"] = "= the float32 rate (CPU)"
+    nbytes = (1 << 30) if dev.type == "cuda" and not quick else (1 << 27)
+    x = torch.empty(nbytes // 4, device=dev).uniform_()
+    y = torch.empty_like(x)
+    med = time_fn(lambda x=x, y=y: y.copy_(x), dev, warmup=2, min_reps=5, budget=1.0)[0]
+    out["copy"] = 2.0 * nbytes / med
+    out["what"]["copy"] = f"{nbytes >> 20} MiB copy, read + write"
+    del x, y
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- main
+def _rel_err(out, ref) -> float:
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    errs = [
+        float((o.double() - r.double()).norm() / r.double().norm().clamp_min(1e-300))
+        for o, r in zip(outs, refs, strict=True)
+    ]
+    return max(errs)
+
+
+def _versions() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    parts = [f"fastinf {fastinf.__version__}+{commit or 'unknown'}", f"torch {torch.__version__}"]
+    if torch.version.cuda:
+        parts.append(f"cuda {torch.version.cuda}")
+    try:
+        import triton
+
+        parts.append(f"triton {triton.__version__}")
+    except Exception:  # noqa: BLE001
+        pass
+    return " ".join(parts)
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    cpu = platform.processor() or platform.machine()
+    return f"cpu ({cpu}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes (any machine); default CSV *_quick.csv")
+    ap.add_argument("--ops", default="", help="comma list of substrings of op names (default: all)")
+    ap.add_argument("--backends", default="torch,triton,cuda", help="comma list (unavailable ones are skipped)")
+    ap.add_argument("--dtypes", default="float32,bfloat16,float16")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--min-reps", type=int, default=5)
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per row (after min-reps)")
+    ap.add_argument("--out", default=None, help="CSV path (overwritten)")
+    args = ap.parse_args(argv)
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = args.quick or dev.type == "cpu"
+    out_path = Path(args.out) if args.out else (QUICK_CSV if quick else DEFAULT_CSV)
+    state = ops.backends()
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends = []
+    for b in wanted:
+        if b == "torch" or (dev.type == "cuda" and state.get(b) == "available"):
+            backends.append(b)
+        else:
+            why = state.get(b, "unknown backend") if dev.type == "cuda" else f"needs a CUDA device ({dev.type})"
+            print(f"# skipping backend {b}: {why}", file=sys.stderr)
+    dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
+    filt = [s.strip() for s in args.ops.split(",") if s.strip()]
+    todo = [c for c in cases(quick) if not filt or any(f in c.op for f in filt)]
+
+    versions, date, device_name = (
+        _versions(),
+        datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        _device_name(dev),
+    )
+    print(f"# {device_name}; {versions}; backends {backends}", file=sys.stderr)
+    ceil = measure_ceilings(dev, quick)
+    print(
+        "# ceilings: "
+        + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in ceil.items() if k.startswith("gemm_"))
+        + f", copy {ceil['copy'] / 1e9:.0f} GB/s",
+        file=sys.stderr,
+    )
+    rows = []
+    for k, v in ceil.items():
+        if k == "what":
+            continue
+        is_gemm = k.startswith("gemm")
+        rows.append(
+            {
+                "op": f"ceiling_{k}",
+                "backend": "torch",
+                "shape": ceil["what"][k],
+                "device": device_name,
+                "tflops": f"{v / 1e12:.2f}" if is_gemm else "",
+                "gbps": "" if is_gemm else f"{v / 1e9:.1f}",
+                "version": versions,
+                "date": date,
+                "note": "measured in this run; the roofline of every row below",
+            }
+        )
+    for case in todo:
+        for dt in dtypes:
+            dname = str(dt).replace("torch.", "")
+            try:
+                inputs = case.make(dt, dev)
+            except torch.OutOfMemoryError as e:
+                print(f"# {case.op} {case.shape} {dname}: out of memory making inputs ({e})", file=sys.stderr)
+                continue
+            nbytes = BYTES[case.op](case, dt)
+            roof = max(case.flop / ceil[f"gemm_{dname}"], nbytes / ceil["copy"])
+            ref_out, ref_med = None, None
+            for b in backends:
+                row = {
+                    "op": case.op,
+                    "backend": b,
+                    "shape": case.shape,
+                    "dtype": dname,
+                    "device": device_name,
+                    "gflop": f"{case.flop / 1e9:.3f}",
+                    "gbytes": f"{nbytes / 1e9:.4f}",
+                    "roofline_ms": f"{roof * 1e3:.4f}",
+                    "version": versions,
+                    "date": date,
+                }
+                try:
+                    out = case.call(b, *inputs)
+                    if b == "torch":
+                        ref_out = out
+                    med, p20, p80, peak = time_fn(
+                        lambda b=b, c=case, a=inputs: c.call(b, *a), dev, warmup=args.warmup, min_reps=args.min_reps,
+                        budget=args.budget,
+                    )  # fmt: skip
+                except Exception as e:  # noqa: BLE001 - a failing backend is a result too
+                    row["note"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+                    rows.append(row)
+                    print(f"# {case.op} {case.shape} {dname} {b}: {row['note']}", file=sys.stderr)
+                    continue
+                if b == "torch":
+                    ref_med = med
+                row.update(
+                    median_ms=f"{med * 1e3:.4f}",
+                    p20_ms=f"{p20 * 1e3:.4f}",
+                    p80_ms=f"{p80 * 1e3:.4f}",
+                    peak_mem_mb=f"{peak:.1f}",
+                    tflops=f"{case.flop / med / 1e12:.3f}",
+                    gbps=f"{nbytes / med / 1e9:.1f}",
+                    frac_roofline=f"{roof / med:.3f}",
+                    speedup_vs_torch=f"{ref_med / med:.2f}" if ref_med else "",
+                    max_rel_err=f"{_rel_err(out, ref_out):.2e}" if ref_out is not None else "",
+                    note=f"reps over {args.budget:.1f}s budget",
+                )
+                rows.append(row)
+                print(
+                    f"{case.op:22s} {case.shape:34s} {dname:9s} {b:7s} {med * 1e3:10.3f} ms "
+                    f"{case.flop / med / 1e12:8.2f} TFLOP/s {nbytes / med / 1e9:8.1f} GB/s "
+                    f"roof {roof / med:6.1%}  x{(ref_med or med) / med:6.2f} vs torch  err {row['max_rel_err']}",
+                    flush=True,
+                )
+            del inputs, ref_out
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+    print(f"# wrote {len(rows)} rows to {out_path}", file=sys.stderr)
+    print_goals(rows)
+    return 0
+
+
+def print_goals(rows: list[dict]) -> None:
+    """The kernels issue's speed goals, read off this run's rows (best kernel backend per row)."""
+
+    def best(op, pred):
+        got = [r for r in rows if r["op"] == op and r["backend"] != "torch" and r.get("median_ms") and pred(r)]
+        return got
+
+    print("# goals (kernel rows of this run):")
+    di = best("datainf_inverse_sum", lambda r: int(r["shape"].split("m=")[1]) >= 64)
+    for r in di:
+        print(f"#   datainf m>=64 >= 70% of roofline: {r['shape']} {r['dtype']} {r['backend']}: {r['frac_roofline']}")
+    for r in best("rrinf_row_updates", lambda r: True):
+        print(f"#   rrinf >= 10x torch loop: {r['shape']} {r['dtype']} {r['backend']}: x{r['speedup_vs_torch']}")
+    for r in best("lora_per_sample_grads", lambda r: True):
+        print(f"#   lora >= 2x unfused torch: {r['shape']} {r['dtype']} {r['backend']}: x{r['speedup_vs_torch']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
