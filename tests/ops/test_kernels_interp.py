@@ -251,14 +251,15 @@ def test_explicit_backend_on_cpu_names_device_and_reason():
 
 
 def test_backends_report_and_stay_lean():
-    """backends() answers without importing triton, building anything or initialising CUDA."""
+    """backends() answers without importing triton or building anything (nor initialising CUDA where there
+    is none; on a GPU it reads the device's compute capability)."""
     code = (
         "import sys, torch, fastinf; s = fastinf.ops.backends(); "
         "assert set(s) == {'cuda', 'triton', 'torch'} and s['torch'] == 'available', s; "
         "assert all(v == 'available' or v.startswith('unavailable: ') for v in s.values()), s; "
         "assert 'triton' not in sys.modules, 'triton imported'; "
         "assert 'torch.utils.cpp_extension' not in sys.modules, 'cpp_extension imported'; "
-        "assert not torch.cuda.is_initialized(), 'cuda initialised'; "
+        "assert torch.cuda.is_available() or not torch.cuda.is_initialized(), 'cuda initialised'; "
         "x = torch.randn(3, 4); fastinf.ops.datainf_inverse_sum(x, x, 0.1); "
         "assert 'triton' not in sys.modules, 'a CPU op imported triton'"
     )
