@@ -281,7 +281,10 @@ def main(argv=None) -> int:
     ap.add_argument("--min-reps", type=int, default=5)
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per row (after min-reps)")
     ap.add_argument("--out", default=None, help="CSV path (overwritten)")
+    ap.add_argument("--sweep", action="store_true", help="time Triton block-size configs instead (GPU; tuning)")
     args = ap.parse_args(argv)
+    if args.sweep:
+        return sweep(args)
 
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = args.quick or dev.type == "cpu"
@@ -399,6 +402,81 @@ def main(argv=None) -> int:
             w.writerow({k: r.get(k, "") for k in COLUMNS})
     print(f"# wrote {len(rows)} rows to {out_path}", file=sys.stderr)
     print_goals(rows)
+    return 0
+
+
+def sweep(args) -> int:
+    """Time the Triton kernels over a few block-size configs at the issue's shapes (bf16; RRInf fp32)."""
+    from fastinf.kernels.datainf_inverse_sum import datainf_inverse_sum_triton
+    from fastinf.kernels.lora_per_sample_grads import lora_per_sample_grads_triton
+    from fastinf.kernels.rrinf_row_updates import rrinf_row_updates_triton
+
+    dev = torch.device("cuda")
+    out_path = Path(args.out) if args.out else HERE / "results" / "bench_ops_sweep.csv"
+    versions, date, device_name = (
+        _versions(),
+        datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        _device_name(dev),
+    )
+    rows = []
+
+    def run(case: Case, dt: torch.dtype, label: str, fn) -> None:
+        row = {"op": case.op, "backend": f"triton[{label}]", "shape": case.shape, "dtype": str(dt)[6:]}
+        row.update(device=device_name, version=versions, date=date)
+        try:
+            med, p20, p80, peak = time_fn(fn, dev, warmup=args.warmup, min_reps=args.min_reps, budget=args.budget)
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: a result of the sweep
+            row["note"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(f"{case.op:22s} {label:48s} {row['note']}", flush=True)
+            return
+        row.update(median_ms=f"{med * 1e3:.4f}", p20_ms=f"{p20 * 1e3:.4f}", p80_ms=f"{p80 * 1e3:.4f}")
+        row.update(tflops=f"{case.flop / med / 1e12:.3f}", peak_mem_mb=f"{peak:.1f}")
+        rows.append(row)
+        print(f"{case.op:22s} {case.shape:30s} {label:48s} {med * 1e3:9.3f} ms {case.flop / med / 1e12:7.1f} TFLOP/s")
+
+    bf = torch.bfloat16
+    for m in (64, 512):
+        case = datainf_case(4500, 65536, m)
+        G, T, lam = case.make(bf, dev)
+        for bm, bn, bk, w, st in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
+                                  (128, 128, 128, 8, 2), (256, 128, 64, 8, 3)]:  # fmt: skip
+            cfg = (
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st},
+                {"BLOCK_M": bm, "BLOCK_D": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st},
+            )
+            run(case, bf, f"BM{bm} BN/BD{bn} BK{bk} w{w} s{st}",
+                lambda G=G, T=T, lam=lam, cfg=cfg: datainf_inverse_sum_triton(G, T, lam, config=cfg))  # fmt: skip
+        del G, T
+    case = lora_case(16, 512, 4096, 16)
+    args_l = case.make(bf, dev)
+    for bs, bd, w, st in [
+        (32, 64, 4, 3),
+        (64, 64, 4, 3),
+        (128, 64, 8, 3),
+        (64, 128, 4, 3),
+        (64, 128, 8, 2),
+        (128, 32, 4, 4),
+    ]:
+        cfg = {"BLOCK_S": bs, "BLOCK_R": 16, "BLOCK_D": bd, "num_warps": w, "num_stages": st}
+        run(case, bf, f"BS{bs} BD{bd} w{w} s{st}",
+            lambda a=args_l, cfg=cfg: lora_per_sample_grads_triton(*a, config=cfg))  # fmt: skip
+    del args_l
+    for n in (300, 5000):
+        case = rrinf_case(1000, n, 100)
+        args_r = case.make(torch.float32, dev)
+        bn = max(16, 1 << (n - 1).bit_length())
+        for bm, w in [(1, 4), (1, 8), (1, 16), (2, 8), (4, 8)]:
+            cfg = {"BLOCK_N": bn, "BLOCK_M": bm, "num_warps": w}
+            run(case, torch.float32, f"BN{bn} BM{bm} w{w}",
+                lambda a=args_r, cfg=cfg: rrinf_row_updates_triton(*a, config=cfg))  # fmt: skip
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+    print(f"# wrote {len(rows)} sweep rows to {out_path}", file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_check.sh                 # all stages: env, build, test, bench
 #   bash bench/gpu_check.sh build test      # some stages only
+#   bash bench/gpu_check.sh build sweep     # Triton block-size sweep (tuning; not in the default run)
 #
 # Run from anywhere; it works in the repository root. Needs python3 with torch (CUDA), triton, pytest,
 # ninja and nvcc on the machine (no pip install: the checkout is used through PYTHONPATH). Results go to
@@ -13,6 +14,7 @@
 #                  CPU interpreter and is skipped here)
 #   bench.log      bench/bench_ops.py output (ends with the speed goals)
 #   bench_ops.csv  the benchmark rows (copy it to bench/results/bench_ops.csv and commit it)
+#   sweep.log, bench_ops_sweep.csv   (stage sweep only)
 #   summary.txt    one line per stage: status and seconds
 # Each stage has a time limit (seconds: BUILD_LIMIT, TEST_LIMIT, BENCH_LIMIT) so that the whole run fits
 # in 10 minutes and every log comes back; the exit status is non-zero if any stage failed.
@@ -27,6 +29,7 @@ export FASTINF_CACHE="${FASTINF_CACHE:-/tmp/fastinf-cache}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 STAGES="${*:-env build test bench}"
 BUILD_LIMIT="${BUILD_LIMIT:-240}" TEST_LIMIT="${TEST_LIMIT:-240}" BENCH_LIMIT="${BENCH_LIMIT:-300}"
+SWEEP_LIMIT="${SWEEP_LIMIT:-300}"
 status=0
 : >"$OUT_DIR/summary.txt"
 
@@ -71,8 +74,12 @@ print(ops.backends())
     bench)
       stage bench "$BENCH_LIMIT" bench.log "$PY" bench/bench_ops.py --budget 0.3 --min-reps 3 --out "$OUT_DIR/bench_ops.csv"
       ;;
+    sweep)
+      stage sweep "$SWEEP_LIMIT" sweep.log "$PY" bench/bench_ops.py --sweep --budget 0.3 --min-reps 3 \
+        --out "$OUT_DIR/bench_ops_sweep.csv"
+      ;;
     *)
-      echo "unknown stage $s (env, build, test, bench)" >&2
+      echo "unknown stage $s (env, build, test, bench, sweep)" >&2
       status=2
       ;;
   esac
