@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .metrics import agreement, detection_curve, mislabel_auc
+from .metrics import agreement, class_detection, detection_curve, mislabel_auc
 from .report import (
     markdown_table,
     plot_auc_vs_damping,
@@ -37,7 +37,13 @@ from .report import (
 )
 from .runner import GRADIENT_METHODS, MethodRun, PeakRSS, method_options, run_gradient_methods
 
-__all__ = ["ExperimentResult", "MislabelSettings", "mislabel_experiment"]
+__all__ = [
+    "ClassDetectionSettings",
+    "ExperimentResult",
+    "MislabelSettings",
+    "class_detection_experiment",
+    "mislabel_experiment",
+]
 
 ALL_METHODS = [*GRADIENT_METHODS, "z0inf", "bif"]
 
@@ -369,7 +375,7 @@ def _z0inf(net, checkpoints, train_loader, test_loader, flipped, exact_scores, p
             gram = fastinf.checkpoint_gram(checkpoints)
             t_tables = time.perf_counter() - t0
             t1 = time.perf_counter()
-            est = fastinf.Z0Inf().fit(fastinf.LossTrace(Ltr, gram))
+            est = fastinf.Z0Inf(neighbors=min(4, len(checkpoints) - 1)).fit(fastinf.LossTrace(Ltr, gram))
             scores = est.score(fastinf.LossTrace(Lte), reduce="mean")
             t_score = time.perf_counter() - t1
             self_scores = est.self_influence("fd")
@@ -551,3 +557,367 @@ def _write_mislabel_report(result: ExperimentResult, first: dict, out: Path) -> 
 def format_mislabel_console(result: ExperimentResult) -> str:
     headers, rows = mislabel_table(result)
     return text_table(headers[:-1], [r[:-1] for r in rows])
+
+
+# ------------------------------------------------------------------------------------ class detection (Task 2)
+@dataclass
+class ClassDetectionSettings:
+    """Sizes and hyper-parameters of a class-detection run (what the report states)."""
+
+    epochs: int = 2
+    batch_size: int = 8
+    max_length: int = 96
+    lora_r: int = 8
+    lr: float = 3e-4
+    grad_field: str = "text"  # the sequence whose loss the gradients are taken on (see class_detection_experiment)
+    checkpoints_per_epoch: int = 2
+    rrinf_seeds: tuple[int, ...] = (0, 1, 2)
+    bif_chains: int = 2
+    bif_draws: int = 6
+    bif_burnin: int = 2
+    bif_step_size: float = 1e-6
+    bif_localization: float = 1e4
+    damping_multipliers: tuple[float, ...] = (1, 10, 100, 1e3, 1e4, 1e5, 1e6)
+    sweeps: bool = True
+
+
+class _LMDataset(torch.utils.data.Dataset):
+    def __init__(self, ids: list[list[int]], label_mask: list[list[int]]) -> None:
+        self.ids, self.mask = ids, label_mask
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "loss_mask": self.mask[i]}
+
+
+class _LMCollator:
+    """Right-pads input_ids; labels = input_ids where the loss applies, −100 elsewhere (and on padding)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        L = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), L), self.pad_id, dtype=torch.long)
+        att = torch.zeros(len(items), L, dtype=torch.long)
+        lab = torch.full((len(items), L), -100, dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            x = torch.tensor(it["input_ids"])
+            ids[i, :n], att[i, :n] = x, 1
+            lab[i, :n] = torch.where(torch.tensor(it["loss_mask"], dtype=torch.bool), x, torch.full_like(x, -100))
+        return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
+def _causal_lm(model: str | Callable, r: int):
+    from peft import LoraConfig, get_peft_model
+
+    if callable(model):
+        tok, base = model()
+    elif model == "smollm2":
+        from ..data import load_smollm2
+
+        tok, base = load_smollm2()
+    else:
+        raise ValueError(f"model must be 'smollm2' or a callable returning (tokenizer, model), got {model!r}")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    cfg = LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
+    )
+    return tok, get_peft_model(base, cfg)
+
+
+def _encode_lm(tok, texts: Sequence[str], prompts: Sequence[str] | None, field: str, max_length: int) -> _LMDataset:
+    """Token ids of ``texts``; the loss mask covers the whole text ("text"), or only the part after
+    the prompt ("answer"), or only the prompt ("prompt")."""
+    ids, masks = [], []
+    for i, t in enumerate(texts):
+        x = tok(t, truncation=True, max_length=max_length)["input_ids"]
+        if field == "text" or prompts is None:
+            m = [1] * len(x)
+        else:
+            k = min(len(tok(prompts[i], truncation=True, max_length=max_length)["input_ids"]), len(x))
+            m = [0] * k + [1] * (len(x) - k) if field == "answer" else [1] * k + [0] * (len(x) - k)
+            if field == "prompt":
+                x, m = x[:k], m[:k]
+        if sum(m[1:]) == 0:  # the shifted loss needs at least one target token
+            m = [1] * len(x)
+        ids.append(x)
+        masks.append(m)
+    return _LMDataset(ids, masks)
+
+
+def class_detection_experiment(
+    train_texts: Sequence[str],
+    train_classes: Sequence[Any],
+    test_texts: Sequence[str],
+    test_classes: Sequence[Any],
+    *,
+    model: str | Callable = "smollm2",
+    methods: Sequence[str] | None = None,
+    train_prompts: Sequence[str] | None = None,
+    test_prompts: Sequence[str] | None = None,
+    settings: ClassDetectionSettings | None = None,
+    report_dir: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> ExperimentResult:
+    """Class detection for generation (Task 2 of the DataInf / RRInf papers) on any texts with classes.
+
+    LoRA-fine-tunes a causal LM (``"smollm2"``: the bundled SmolLM2-135M-Instruct; or a callable
+    returning ``(tokenizer, model)``) on ``train_texts``; takes per-example gradients of the loss on
+    ``settings.grad_field`` ("text": every token; "answer": the tokens after the prompt; "prompt": the
+    prompt only — the last two need ``*_prompts``); scores every (test, train) pair and, per test
+    example, measures how well −I ranks the training examples of its own class first
+    (AUC and recall@k, k = number of training examples of the class; METHODS.md §9). Returns
+    ``{method: {"auc": (mean, std), "recall": (mean, std), "seconds": float, ...}}``.
+    Default methods: every gradient method and Z0-Inf (the BIF is opt-in: each SGLD draw costs a
+    forward pass over every example).
+    """
+    import fastinf
+
+    s = settings or ClassDetectionSettings()
+    methods = list(methods) if methods is not None else [*GRADIENT_METHODS, "z0inf"]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; available: {ALL_METHODS}")
+    if len(train_texts) != len(train_classes) or len(test_texts) != len(test_classes):
+        raise ValueError("texts and classes must have the same lengths")
+    if s.grad_field not in ("text", "answer", "prompt"):
+        raise ValueError(f"grad_field must be 'text', 'answer' or 'prompt', got {s.grad_field!r}")
+    if s.grad_field != "text" and (train_prompts is None or test_prompts is None):
+        raise ValueError(f"grad_field={s.grad_field!r} needs train_prompts and test_prompts")
+    classes = sorted({str(c) for c in train_classes})
+    missing = sorted({str(c) for c in test_classes} - set(classes))
+    if missing:
+        raise ValueError(f"test classes {missing} have no training examples")
+    cid = {c: i for i, c in enumerate(classes)}
+    ytr = np.array([cid[str(c)] for c in train_classes])
+    yte = np.array([cid[str(c)] for c in test_classes])
+    say = log or (lambda _m: None)
+    torch.manual_seed(seed)
+    t_start = time.perf_counter()
+    tok, net = _causal_lm(model, s.lora_r)
+    # fine-tune on the whole text; gradients on `grad_field`
+    train_fit = _encode_lm(tok, train_texts, None, "text", s.max_length)
+    tr_ds = _encode_lm(tok, train_texts, train_prompts, s.grad_field, s.max_length)
+    te_ds = _encode_lm(tok, test_texts, test_prompts, s.grad_field, s.max_length)
+    collate = _LMCollator(tok.pad_token_id)
+    meta: dict[str, Any] = {
+        "task": "class detection",
+        "n_train": len(train_texts),
+        "n_test": len(test_texts),
+        "classes": len(classes),
+        "grad_field": s.grad_field,
+        "seed": seed,
+        "settings": dict(vars(s)),
+        "model": getattr(getattr(net.get_base_model(), "config", None), "_name_or_path", str(model)),
+    }
+    say(f"training: {len(train_texts)} examples in {len(classes)} classes, {s.epochs} epochs, LoRA r={s.lora_r} on q/v")
+    work = Path(tempfile.mkdtemp(prefix="fastinf-exp-"))
+    t0 = time.perf_counter()
+    checkpoints = _train_lm(net, train_fit, collate, s, seed, work / "checkpoints", progress)
+    meta["train_seconds"] = time.perf_counter() - t0
+    tr_loader = torch.utils.data.DataLoader(tr_ds, batch_size=s.batch_size, collate_fn=collate)
+    te_loader = torch.utils.data.DataLoader(te_ds, batch_size=s.batch_size, collate_fn=collate)
+    say("capturing per-example gradients")
+    col = fastinf.LoRAGradientCollector(net)
+    (gtr, gte), sec, _ = _timed_pair(
+        lambda: (col.collect(tr_loader, progress=progress), col.collect(te_loader, progress=progress))
+    )
+    meta.update(grad_seconds=sec, D=gtr.dim, blocks=len(gtr.names))
+    runs = run_gradient_methods(
+        gtr,
+        gte,
+        [m for m in methods if m in GRADIENT_METHODS],
+        reduce=None,
+        rrinf_seeds=s.rrinf_seeds,
+        progress=progress,
+    )
+    out = ExperimentResult()
+    exact = runs["exact"].scores[0] if "exact" in runs and runs["exact"].scores else None
+    for name, run in runs.items():
+        out[name] = _cd_record(run.scores, run.seconds, run.peak_mb, ytr, yte, exact, run.error, run.info)
+    if "z0inf" in methods:
+        say(f"Z0-Inf: losses at {len(checkpoints)} checkpoints")
+        try:
+            with PeakRSS() as mem:
+                t1 = time.perf_counter()
+                Ltr = fastinf.loss_table(net, checkpoints, tr_loader, progress=progress)
+                Lte = fastinf.loss_table(net, checkpoints, te_loader, progress=progress)
+                sc = (
+                    fastinf.Z0Inf(neighbors=min(4, len(checkpoints) - 1))
+                    .fit(fastinf.LossTrace(Ltr, fastinf.checkpoint_gram(checkpoints)))
+                    .score(fastinf.LossTrace(Lte))
+                )
+                z_sec = time.perf_counter() - t1
+            out["z0inf"] = _cd_record(
+                [sc], [z_sec], mem.peak_mb, ytr, yte, exact, None, {"note": f"T={len(checkpoints)} checkpoints"}
+            )
+        except Exception as e:  # noqa: BLE001
+            out["z0inf"] = _cd_record([], [], 0, ytr, yte, exact, f"{type(e).__name__}: {e}", {})
+    if "bif" in methods:
+        say(f"BIF: {s.bif_chains} chains × {s.bif_draws} draws")
+        try:
+            sg = torch.utils.data.DataLoader(
+                train_fit,
+                batch_size=s.batch_size,
+                collate_fn=collate,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(seed),
+            )
+            with PeakRSS() as mem:
+                t1 = time.perf_counter()
+                traces = fastinf.sample_posterior_traces(
+                    net,
+                    sg,
+                    {"train": tr_loader, "test": te_loader},
+                    n_beta=float(len(train_texts)),
+                    localization=s.bif_localization,
+                    step_size=s.bif_step_size,
+                    chains=s.bif_chains,
+                    draws=s.bif_draws,
+                    burnin=s.bif_burnin,
+                    seed=seed,
+                    progress=progress,
+                )
+                sc = fastinf.BIF().fit(traces["train"]).score(traces["test"])
+                b_sec = time.perf_counter() - t1
+            out["bif"] = _cd_record(
+                [sc], [b_sec], mem.peak_mb, ytr, yte, exact, None, {"note": f"{s.bif_chains}×{s.bif_draws} draws"}
+            )
+        except Exception as e:  # noqa: BLE001
+            out["bif"] = _cd_record([], [], 0, ytr, yte, exact, f"{type(e).__name__}: {e}", {})
+    sweeps: dict[str, Any] = {}
+    if s.sweeps:
+        say("damping sweep (METHODS.md §9)")
+        sweeps["damping"] = {}
+        for name in ("exact", "datainf"):
+            sweeps["damping"][name] = {}
+            for mult in s.damping_multipliers:
+                sc = fastinf.get_estimator(name, **method_options(name, damping_factor=0.1 * mult)).fit(gtr).score(gte)
+                sweeps["damping"][name][float(mult)] = class_detection(sc, ytr, yte)["auc"][0]
+    meta["total_seconds"] = time.perf_counter() - t_start
+    out.meta, out.sweeps, out.report_dir = meta, sweeps, None
+    if report_dir is not None:
+        out.report_dir = Path(report_dir)
+        _write_cd_report(out, Path(report_dir))
+    return out
+
+
+def _train_lm(model, ds, collate, s: ClassDetectionSettings, seed: int, ck_dir: Path, progress: bool):
+    from transformers import Trainer, TrainingArguments
+
+    from ..integrations.transformers import CheckpointCallback
+
+    steps = math.ceil(len(ds) / s.batch_size)
+    cb = CheckpointCallback(ck_dir, every_n_steps=max(1, steps // s.checkpoints_per_epoch), save_initial=True)
+    args = TrainingArguments(
+        output_dir=str(ck_dir / "trainer"),
+        per_device_train_batch_size=s.batch_size,
+        num_train_epochs=s.epochs,
+        learning_rate=s.lr,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not progress,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[cb]).train()
+    return cb.checkpoints
+
+
+def _cd_record(scores, seconds, peak_mb, ytr, yte, exact, error, info) -> dict:
+    if error or not scores:
+        return {"auc": None, "recall": None, "seconds": None, "error": error or "no scores"}
+    mets = [class_detection(sc, ytr, yte) for sc in scores]
+    aucs = [m["auc"][0] for m in mets]
+    recs = [m["recall"][0] for m in mets]
+    rec: dict[str, Any] = {
+        # per-test-point mean ± std (first seed); across RRInf seeds the std of the means is in auc_seed_std
+        "auc": mets[0]["auc"]
+        if len(mets) == 1
+        else (float(np.mean(aucs)), float(np.mean([m["auc"][1] for m in mets]))),
+        "recall": mets[0]["recall"]
+        if len(mets) == 1
+        else (float(np.mean(recs)), float(np.mean([m["recall"][1] for m in mets]))),
+        "auc_seed_std": float(np.std(aucs)) if len(aucs) > 1 else None,
+        "seconds": float(np.mean(seconds)),
+        "peak_mb": peak_mb,
+        **{k: v for k, v in info.items() if k in ("lambda", "converged", "note")},
+    }
+    if exact is not None:
+        ag = [agreement(sc, exact) for sc in scores]
+        rec["corr_with_exact"] = float(np.mean([a["pearson"] for a in ag]))
+    return rec
+
+
+def class_detection_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
+    headers = ["method", "AUC (mean ± std over test points)", "recall@k", "corr. with exact", "seconds", "note"]
+    rows = []
+    for m, r in result.items():
+        if r.get("auc") is None:
+            rows.append([m, "failed", "—", "—", "—", (r.get("error") or "")[:80]])
+            continue
+        name = m + (" (3 seeds)" if r.get("auc_seed_std") is not None else "")
+        note = r.get("note", "")
+        if r.get("auc_seed_std") is not None:
+            note = (note + "; " if note else "") + f"AUC std over seeds {r['auc_seed_std']:.3f}"
+        rows.append(
+            [name, pm(*r["auc"]), pm(*r["recall"]), pm(r.get("corr_with_exact"), None), f"{r['seconds']:.2f}", note]
+        )
+    return headers, rows
+
+
+def _write_cd_report(result: ExperimentResult, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = result.meta
+    write_json(out / "results.json", {"methods": dict(result), "meta": meta, "sweeps": result.sweeps})
+    pts = {m: (r["seconds"], r["auc"][0]) for m, r in result.items() if r.get("auc") is not None}
+    plot_time_vs_auc(out / "time_vs_auc.png", pts, "Time vs class-detection AUC", ylabel="class-detection AUC")
+    if result.sweeps.get("damping"):
+        plot_auc_vs_damping(
+            out / "auc_vs_damping.png",
+            result.sweeps["damping"],
+            "Class-detection AUC vs damping",
+            ylabel="class-detection AUC",
+        )
+    headers, rows = class_detection_table(result)
+    lines = [
+        f"# fastinf class-detection report ({meta.get('dataset', '')})",
+        "",
+        f"Model: {meta['model']} + LoRA r={meta['settings']['lora_r']}; {meta['n_train']} training / "
+        f"{meta['n_test']} test examples in {meta['classes']} classes; gradients on the `{meta['grad_field']}` field; "
+        f"D = {meta['D']}.",
+        "",
+        "Per test example: AUC = roc_auc(same class, −I[j, :]); recall@k = share of its class among the k most "
+        "negative scores, k = training examples of the class. Mean ± std over test examples.",
+        "",
+        markdown_table(headers, rows),
+        "",
+    ]
+    if result.sweeps.get("damping"):
+        mults = sorted(next(iter(result.sweeps["damping"].values())))
+        lines += [
+            "## AUC vs damping multiplier",
+            "",
+            markdown_table(
+                ["method", *[f"×{m:g}" for m in mults]],
+                [[k, *[f"{v[m]:.3f}" for m in mults]] for k, v in result.sweeps["damping"].items()],
+            ),
+            "",
+        ]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def format_class_detection_console(result: ExperimentResult) -> str:
+    headers, rows = class_detection_table(result)
+    return text_table(headers, rows)
