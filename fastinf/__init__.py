@@ -24,11 +24,12 @@ from .estimators import (
     influence,
 )
 from .gradients import GradientSet, GradientStore, LoRAGradientCollector
-from .traces import LossTrace, checkpoint_gram, loss_table
+from .traces import LossTrace, checkpoint_gram, loss_table, sample_posterior_traces
 
 __all__ = [
     "BIF",
     "LossTrace",
+    "sample_posterior_traces",
     "Z0Inf",
     "DataInf",
     "DiagonalFisher",
