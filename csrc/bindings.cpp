@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <optional>
 #include <vector>
@@ -14,6 +15,8 @@
 namespace {
 
 using fastinf::DType;
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 DType dtype_code(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -65,7 +68,7 @@ std::vector<at::Tensor> lora_partials(at::Tensor x, at::Tensor dy, at::Tensor A,
   at::Tensor pB = at::empty({N, C, dout, r}, opts);
   fastinf::lora_per_sample_grads_launch(dt, x.data_ptr(), dy.data_ptr(), A.data_ptr(), B.data_ptr(), mp,
                                         pA.data_ptr<float>(), pB.data_ptr<float>(), N, S, din, dout, r,
-                                        static_cast<float>(scale));
+                                        static_cast<float>(scale), stream());
   return {pA, pB};
 }
 
@@ -90,7 +93,7 @@ std::vector<at::Tensor> datainf_coef(at::Tensor G, at::Tensor T, bool compute_ns
     if (compute_nsq) nsq.zero_();
   } else {
     fastinf::datainf_coef_launch(dt, T.data_ptr(), G.data_ptr(), P.data_ptr<float>(),
-                                 compute_nsq ? nsq.data_ptr<float>() : nullptr, m, n, d, split, per);
+                                 compute_nsq ? nsq.data_ptr<float>() : nullptr, m, n, d, split, per, stream());
   }
   at::Tensor Psum = split == 1 ? P.squeeze(0) : P.sum(0);
   at::Tensor nsum = compute_nsq ? (split == 1 ? nsq.squeeze(0) : nsq.sum(0)) : at::Tensor();
@@ -115,7 +118,7 @@ void datainf_apply(at::Tensor G, at::Tensor T, at::Tensor P, at::Tensor cinv, at
   FASTINF_CHECK(P.size(0) == m && P.size(1) == n && cinv.numel() == n && H.size(0) == m && H.size(1) == d,
                 "datainf_apply: shapes do not match");
   fastinf::datainf_apply_launch(dt, T.data_ptr(), G.data_ptr(), P.data_ptr<float>(), cinv.data_ptr<float>(),
-                                H.data_ptr<float>(), m, n, d, static_cast<float>(inv_lam), accumulate);
+                                H.data_ptr<float>(), m, n, d, static_cast<float>(inv_lam), accumulate, stream());
 }
 
 // omega (n, m) float32 contiguous, updated in place over all steps in one launch.
@@ -141,7 +144,7 @@ void rrinf_updates(at::Tensor rows, at::Tensor targets, at::Tensor lr, at::Tenso
   if (wsn > 0) ws = at::empty({wsn}, omega.options());
   fastinf::rrinf_row_updates_launch(dt, rows.data_ptr(), targets.data_ptr(), lr.data_ptr<float>(),
                                     omega.data_ptr<float>(), wsn > 0 ? ws.data_ptr<float>() : nullptr, n, m, steps,
-                                    batch_size, static_cast<float>(reg));
+                                    batch_size, static_cast<float>(reg), stream());
 }
 
 }  // namespace

@@ -8,8 +8,6 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
-#include <c10/cuda/CUDAStream.h>
-
 #include <cstdint>
 #include <type_traits>
 
@@ -217,8 +215,6 @@ inline int device_max_smem_optin() {
   FASTINF_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   return bytes;
 }
-
-inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 

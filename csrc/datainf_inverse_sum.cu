@@ -178,7 +178,7 @@ void datainf_plan_split(int64_t m, int64_t n, int64_t d, int64_t* split, int64_t
 }
 
 void datainf_coef_launch(DType dt, const void* T, const void* G, float* P_part, float* nsq_part, int64_t m,
-                         int64_t n, int64_t d, int64_t split, int64_t d_per_split) {
+                         int64_t n, int64_t d, int64_t split, int64_t d_per_split, cudaStream_t stream) {
   if (m == 0 || n == 0) return;
   FASTINF_CHECK(m < (int64_t{1} << 31) && n < (int64_t{1} << 31), "datainf_inverse_sum: m and n must fit in 32 bits");
   FASTINF_CHECK(ceil_div(n, kBN) <= 65535 && split <= 65535, "datainf_inverse_sum: too many rows of G for one call");
@@ -189,11 +189,11 @@ void datainf_coef_launch(DType dt, const void* T, const void* G, float* P_part, 
     const dim3 grid(static_cast<unsigned>(ceil_div(m, kBM)), static_cast<unsigned>(ceil_div(n, kBN)),
                     static_cast<unsigned>(split));
     if (nsq_part != nullptr) {
-      datainf_coef_kernel<E, true><<<grid, kThreads, 0, current_stream()>>>(
+      datainf_coef_kernel<E, true><<<grid, kThreads, 0, stream>>>(
           static_cast<const E*>(T), static_cast<const E*>(G), P_part, nsq_part, static_cast<int>(m),
           static_cast<int>(n), d, d_per_split, vec);
     } else {
-      datainf_coef_kernel<E, false><<<grid, kThreads, 0, current_stream()>>>(
+      datainf_coef_kernel<E, false><<<grid, kThreads, 0, stream>>>(
           static_cast<const E*>(T), static_cast<const E*>(G), P_part, nullptr, static_cast<int>(m),
           static_cast<int>(n), d, d_per_split, vec);
     }
@@ -202,7 +202,7 @@ void datainf_coef_launch(DType dt, const void* T, const void* G, float* P_part, 
 }
 
 void datainf_apply_launch(DType dt, const void* T, const void* G, const float* P, const float* cinv, float* H,
-                          int64_t m, int64_t n, int64_t d, float inv_lam, bool accumulate) {
+                          int64_t m, int64_t n, int64_t d, float inv_lam, bool accumulate, cudaStream_t stream) {
   if (m == 0 || d == 0) return;
   FASTINF_CHECK(m < (int64_t{1} << 31) && n < (int64_t{1} << 31), "datainf_inverse_sum: m and n must fit in 32 bits");
   FASTINF_CHECK(ceil_div(d, kAD) <= 65535, "datainf_inverse_sum: width d = ", d, " exceeds ", 65535 * kAD);
@@ -210,7 +210,7 @@ void datainf_apply_launch(DType dt, const void* T, const void* G, const float* P
     using E = decltype(tag);
     const bool vec = aligned16(G) && (d * static_cast<int64_t>(sizeof(E))) % 16 == 0;
     const dim3 grid(static_cast<unsigned>(ceil_div(m, kAM)), static_cast<unsigned>(ceil_div(d, kAD)));
-    datainf_apply_kernel<E><<<grid, kThreads, 0, current_stream()>>>(
+    datainf_apply_kernel<E><<<grid, kThreads, 0, stream>>>(
         static_cast<const E*>(T), static_cast<const E*>(G), P, cinv, H, static_cast<int>(m), static_cast<int>(n), d,
         inv_lam, accumulate, vec);
     FASTINF_LAUNCH_CHECK();

@@ -1,7 +1,9 @@
-// Host launchers of the CUDA kernels: plain pointers and sizes, no ATen types, so that the .cu files need
-// only CUDA and c10's stream header. The bindings (bindings.cpp) turn tensors into these arguments.
-// Every launcher runs on the current c10 CUDA stream of the current device and checks the launch.
+// Host launchers of the CUDA kernels: plain pointers, sizes and the stream, no ATen types, so that the .cu
+// files need only CUDA headers. The bindings (bindings.cpp) turn tensors into these arguments and pass the
+// current c10 CUDA stream. Every launcher runs on the current device and checks its launch.
 #pragma once
+
+#include <cuda_runtime_api.h>
 
 #include <cstdint>
 
@@ -18,7 +20,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 int64_t lora_chunk_rows();
 void lora_per_sample_grads_launch(DType dt, const void* x, const void* dy, const void* A, const void* B,
                                   const float* mask, float* pA, float* pB, int64_t N, int64_t S, int64_t din,
-                                  int64_t dout, int64_t r, float scale);
+                                  int64_t dout, int64_t r, float scale, cudaStream_t stream);
 
 // ---- datainf_inverse_sum -------------------------------------------------------------------------
 // Pass 1: P_part[z] = T[:, dz] G[:, dz]^T for the split z of the width d into `split` ranges of
@@ -27,11 +29,11 @@ void lora_per_sample_grads_launch(DType dt, const void* x, const void* dy, const
 // The split of the width that fills the device: sets *split and *d_per_split.
 void datainf_plan_split(int64_t m, int64_t n, int64_t d, int64_t* split, int64_t* d_per_split);
 void datainf_coef_launch(DType dt, const void* T, const void* G, float* P_part, float* nsq_part, int64_t m,
-                         int64_t n, int64_t d, int64_t split, int64_t d_per_split);
+                         int64_t n, int64_t d, int64_t split, int64_t d_per_split, cudaStream_t stream);
 // Pass 2: H = (T - (P * cinv) G) * inv_lam, or H -= ((P * cinv) G) * inv_lam when `accumulate`.
 // P (m, n) float32, cinv (n,) float32 (= 1 / ((lam + |g_i|^2) n)), H (m, d) float32.
 void datainf_apply_launch(DType dt, const void* T, const void* G, const float* P, const float* cinv, float* H,
-                          int64_t m, int64_t n, int64_t d, float inv_lam, bool accumulate);
+                          int64_t m, int64_t n, int64_t d, float inv_lam, bool accumulate, cudaStream_t stream);
 
 // ---- rrinf_row_updates ---------------------------------------------------------------------------
 // rows (steps*bsz, n), targets (steps*bsz, m): contiguous, element type `dt`; lr (steps,) float32;
@@ -39,6 +41,7 @@ void datainf_apply_launch(DType dt, const void* T, const void* G, const float* P
 // elements (may be null when that is 0).
 int64_t rrinf_workspace_floats(int64_t n, int64_t m, int64_t bsz);
 void rrinf_row_updates_launch(DType dt, const void* rows, const void* targets, const float* lr, float* omega,
-                              float* workspace, int64_t n, int64_t m, int64_t steps, int64_t bsz, float reg);
+                              float* workspace, int64_t n, int64_t m, int64_t steps, int64_t bsz, float reg,
+                              cudaStream_t stream);
 
 }  // namespace fastinf

@@ -137,7 +137,7 @@ int64_t lora_chunk_rows() { return kCS; }
 
 void lora_per_sample_grads_launch(DType dt, const void* x, const void* dy, const void* A, const void* B,
                                   const float* mask, float* pA, float* pB, int64_t N, int64_t S, int64_t din,
-                                  int64_t dout, int64_t r, float scale) {
+                                  int64_t dout, int64_t r, float scale, cudaStream_t stream) {
   if (N == 0 || S == 0 || r == 0) return;
   FASTINF_CHECK(N <= 65535, "lora_per_sample_grads: at most 65535 examples per call, got ", N);
   FASTINF_CHECK(ceil_div(r, kR) <= 65535, "lora_per_sample_grads: rank ", r, " is too large");
@@ -152,7 +152,7 @@ void lora_per_sample_grads_launch(DType dt, const void* x, const void* dy, const
     const bool vb = aligned16(B) && (r * e) % 16 == 0;
     const dim3 grid(static_cast<unsigned>(ceil_div(S, kCS)), static_cast<unsigned>(N),
                     static_cast<unsigned>(ceil_div(r, kR)));
-    lora_per_sample_grads_kernel<T><<<grid, kThreads, 0, current_stream()>>>(
+    lora_per_sample_grads_kernel<T><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<const T*>(A), static_cast<const T*>(B), mask,
         pA, pB, static_cast<int>(S), static_cast<int>(din), static_cast<int>(dout), static_cast<int>(r), scale, vx, vy,
         va, vb);

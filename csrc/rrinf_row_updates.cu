@@ -119,13 +119,13 @@ __global__ void __launch_bounds__(1024)
 
 template <int CB, typename T>
 void launch_cb(const RRPlan& p, const T* rows, const T* targets, const float* lr, float* omega, float* ws, int64_t n,
-               int64_t m, int64_t steps, int64_t bsz, float reg) {
+               int64_t m, int64_t steps, int64_t bsz, float reg, cudaStream_t stream) {
   auto kernel = rrinf_row_updates_kernel<CB, T>;
   if (p.smem_bytes > 48 * 1024) {
     FASTINF_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes)));
   }
-  kernel<<<p.blocks, p.threads, p.smem_bytes, current_stream()>>>(rows, targets, lr, omega, ws, static_cast<int>(n),
+  kernel<<<p.blocks, p.threads, p.smem_bytes, stream>>>(rows, targets, lr, omega, ws, static_cast<int>(n),
                                                                    static_cast<int>(m), static_cast<int>(steps),
                                                                    static_cast<int>(bsz), reg, p.use_smem);
   FASTINF_LAUNCH_CHECK();
@@ -140,7 +140,8 @@ int64_t rrinf_workspace_floats(int64_t n, int64_t m, int64_t bsz) {
 }
 
 void rrinf_row_updates_launch(DType dt, const void* rows, const void* targets, const float* lr, float* omega,
-                              float* workspace, int64_t n, int64_t m, int64_t steps, int64_t bsz, float reg) {
+                              float* workspace, int64_t n, int64_t m, int64_t steps, int64_t bsz, float reg,
+                              cudaStream_t stream) {
   if (n == 0 || m == 0 || steps == 0) return;
   FASTINF_CHECK(n < (int64_t{1} << 31) && m < (int64_t{1} << 31) && steps < (int64_t{1} << 31) &&
                     bsz < (int64_t{1} << 31),
@@ -153,16 +154,16 @@ void rrinf_row_updates_launch(DType dt, const void* rows, const void* targets, c
     const T* y = static_cast<const T*>(targets);
     switch (p.cb) {
       case 1:
-        launch_cb<1, T>(p, r, y, lr, omega, workspace, n, m, steps, bsz, reg);
+        launch_cb<1, T>(p, r, y, lr, omega, workspace, n, m, steps, bsz, reg, stream);
         break;
       case 2:
-        launch_cb<2, T>(p, r, y, lr, omega, workspace, n, m, steps, bsz, reg);
+        launch_cb<2, T>(p, r, y, lr, omega, workspace, n, m, steps, bsz, reg, stream);
         break;
       case 4:
-        launch_cb<4, T>(p, r, y, lr, omega, workspace, n, m, steps, bsz, reg);
+        launch_cb<4, T>(p, r, y, lr, omega, workspace, n, m, steps, bsz, reg, stream);
         break;
       default:
-        launch_cb<8, T>(p, r, y, lr, omega, workspace, n, m, steps, bsz, reg);
+        launch_cb<8, T>(p, r, y, lr, omega, workspace, n, m, steps, bsz, reg, stream);
         break;
     }
   });

@@ -116,6 +116,19 @@ def find_nvcc() -> str | None:
     return str(default) if default.exists() else None
 
 
+def cuda_home() -> Path | None:
+    """The CUDA toolkit root (holding include/cuda_runtime.h), from CUDA_HOME / CUDA_PATH or nvcc's place."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = find_nvcc()
+    if nvcc:
+        cands.append(str(Path(nvcc).resolve().parents[1]))
+    cands.append("/usr/local/cuda")
+    for c in cands:
+        if c and (Path(c) / "include" / "cuda_runtime.h").exists():
+            return Path(c)
+    return None
+
+
 def _prebuilt_available() -> bool:
     try:
         return importlib.util.find_spec(AOT_NAME) is not None
@@ -178,9 +191,9 @@ def load(verbose: bool = False):
         marker = bdir / "FAILED"
         if marker.exists():  # FASTINF_REBUILD=1
             marker.unlink()
-        nvcc = find_nvcc()
-        if nvcc and not os.environ.get("CUDA_HOME"):  # torch reads CUDA_HOME when cpp_extension is imported
-            os.environ["CUDA_HOME"] = str(Path(nvcc).resolve().parents[1])
+        home = cuda_home()
+        if home is not None and not os.environ.get("CUDA_HOME"):  # torch reads it when cpp_extension is imported
+            os.environ["CUDA_HOME"] = str(home)
         from torch.utils.cpp_extension import load as _jit_load
 
         t0 = time.perf_counter()
@@ -250,4 +263,4 @@ def torch_cxx_std() -> str | None:
         found = re.findall(r"-std=(c\+\+\d+)", Path(ce.__file__).read_text())
     except Exception:  # noqa: BLE001
         return None
-    return max(found, key=lambda s: int(s[5:])) if found else None
+    return max(found, key=lambda s: int(s[3:])) if found else None

@@ -1,10 +1,13 @@
 """The CUDA sources compile, on a machine without a GPU: nvcc compiles every ``csrc/*.cu`` to an object for
-sm_90 with the build's own flags, against CUDA/cccl and torch's base ATen/c10 headers only (a stub stands in
-for the ``c10/cuda/impl/cuda_cmake_macros.h`` that CPU torch wheels lack). A syntax or type error in CUDA code
-fails the suite. Skipped where nvcc is not installed. Also: the build description and its failure cache.
+sm_90 with the build's own flags (no ``-std``: nvcc's default), with csrc, a stub folder and torch's base
+include folder on the include path (the .cu files need only CUDA headers today; the stub stands in for the
+``c10/cuda/impl/cuda_cmake_macros.h`` that CPU torch wheels lack, should one include c10's CUDA headers).
+A syntax or type error in CUDA code fails the suite. Skipped where nvcc is not installed. Also: the build
+description and its failure cache.
 
 ``bindings.cpp`` needs the full torch C++ API (about 35 s of g++); it is checked when
-``FASTINF_CHECK_BINDINGS=1`` and always by the JIT build on a GPU machine (bench/gpu_check.sh).
+``FASTINF_CHECK_BINDINGS=1`` (C++ standard read off torch's extension builder) and always by the JIT build on
+a GPU machine (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ def test_bindings_compile(tmp_path):
     if cxx is None or std is None:
         pytest.skip("no C++ compiler, or torch's C++ standard could not be read off torch")
     inc = build.check_include_dirs(tmp_path / "stub")
-    cuda_inc = Path(NVCC).parent.parent / "include" if NVCC else None
+    home = build.cuda_home()
+    cuda_inc = home / "include" if home is not None else None
     cmd = [cxx, "-fsyntax-only", f"-std={std}", "-DTORCH_EXTENSION_NAME=fastinf_C"]
     for d in [*inc, build.torch_include_dir() / "torch" / "csrc" / "api" / "include", sysconfig.get_paths()["include"]]:
         cmd += ["-I", str(d)]
