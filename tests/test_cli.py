@@ -31,11 +31,11 @@ def assert_one_line_error(proc, code):
 def test_help_lists_commands():
     proc = run("--help")
     assert proc.returncode == 0, proc.stderr
-    for name in ("demo", "info"):
+    for name in ("demo", "info", "eval", "grads", "score", "bench"):
         assert name in proc.stdout
     proc = run("demo", "--help", module="fastinf")  # python -m fastinf (the __main__ module)
     assert proc.returncode == 0, proc.stderr
-    for opt in ("--n-train", "--n-test", "--seed", "--quick", "--report-dir"):
+    for opt in ("--n-train", "--n-test", "--seed", "--quick", "--report-dir", "--synthetic"):
         assert opt in proc.stdout
 
 
@@ -57,7 +57,7 @@ def test_info_mentions_backends_and_methods():
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    proc = run("demo", "--quick", "--no-progress", "--report-dir", str(out))
+    proc = run("demo", "--synthetic", "--quick", "--no-progress", "--report-dir", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
 

@@ -63,19 +63,20 @@ class MislabelSettings:
     n_train: int = 600
     n_test: int = 150
     flip: float = 0.2
-    epochs: int = 3
-    batch_size: int = 32
+    epochs: int = 4
+    batch_size: int = 16
     max_length: int = 48
     lora_r: int = 8
-    lr_lora: float = 1e-3
-    lr_head: float = 1e-2
+    lr_lora: float = 2e-3
+    lr_head: float = 2e-2
     checkpoints_per_epoch: int = 2
     rrinf_seeds: tuple[int, ...] = (0, 1, 2)
     bif_chains: int = 2
     bif_draws: int = 12
-    bif_burnin: int = 4
-    bif_step_size: float = 1e-5
-    bif_localization: float = 1e4
+    bif_burnin: int = 60
+    bif_thin: int = 10
+    bif_step_size: float = 1e-4
+    bif_localization: float = 1e3
     bif_n_beta: float | None = None  # None: n_train (β = 1)
     damping_multipliers: tuple[float, ...] = (1, 10, 100, 1e3, 1e4, 1e5, 1e6)
     rrinf_iterations: tuple[int, ...] = (1000, 10_000, 100_000)
@@ -336,7 +337,14 @@ def _mislabel_one_seed(texts, labels, s: MislabelSettings, methods, seed, model,
     sweeps = _sweeps(gtr, gte, flipped, s, progress, say) if s.sweeps else {}
     meta["total_seconds"] = time.perf_counter() - t_start
     curves = {n: detection_curve(sc, flipped) for n, sc in curves_scores.items()}
-    return {"methods": res, "meta": meta, "sweeps": sweeps, "curves": curves}
+    return {
+        "methods": res,
+        "meta": meta,
+        "sweeps": sweeps,
+        "curves": curves,
+        "scores": curves_scores,
+        "flipped": flipped,
+    }
 
 
 def _timed_pair(fn):
@@ -420,6 +428,7 @@ def _bif(net, train_ds, tok, train_loader, test_loader, s: MislabelSettings, see
                 chains=s.bif_chains,
                 draws=s.bif_draws,
                 burnin=s.bif_burnin,
+                thin=s.bif_thin,
                 seed=seed,
                 progress=progress,
             )
@@ -503,6 +512,13 @@ def _write_mislabel_report(result: ExperimentResult, first: dict, out: Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     meta, sweeps = result.meta, result.sweeps
     write_json(out / "results.json", {"methods": dict(result), "meta": meta, "sweeps": sweeps})
+    write_json(
+        out / "scores.json",
+        {
+            "is_flipped": first["flipped"].astype(int).tolist(),
+            "scores": {k: v.tolist() for k, v in first["scores"].items()},
+        },
+    )
     plot_detection_curves(
         out / "detection_curves.png",
         first["curves"],
