@@ -3,8 +3,10 @@
 
 Ops and shapes (the kernels issue): per-example LoRA gradients with r = 8/16 on 4096-wide layers, S = 512,
 N = 16/64 (with a padding mask); DataInf's inverse sum with n = 4500, d = 65 536, m = 1…512; RRInf's row
-updates with n = 300/1000/5000, m = 100, T = 1000 steps. Backends: ``torch`` (the PyTorch reference, also
-the speed baseline), ``triton`` and ``cuda`` where they can run; dtypes float32, bfloat16, float16.
+updates with n = 300/1000/5000, m = 100, T = 1000 steps; BIF's trace correlation (issue 5) with N = 160/800
+draws, n = 10⁵, m = 10³, as the full matrix and as per-query top-k (k = 10/64; the row's error is on values).
+Backends: ``torch`` (the PyTorch reference, also the speed baseline), ``triton`` and ``cuda`` where they can
+run; dtypes float32, bfloat16, float16.
 
 In the same run it measures two ceilings on the same device: a large matrix product (bfloat16 and float32,
 ``torch.matmul``, random data) and a large device-to-device copy (bytes read + written). Each row's
@@ -155,7 +157,37 @@ def rrinf_bytes(c: Case, dt: torch.dtype) -> float:
     return T * b * (n + m) * _esize(dt) + 2 * n * m * 4
 
 
-BYTES = {"lora_per_sample_grads": lora_bytes, "datainf_inverse_sum": datainf_bytes, "rrinf_row_updates": rrinf_bytes}
+def trace_cov_case(N: int, n: int, m: int, k: int | None = None) -> Case:
+    """BIF's −correlation of loss traces (N draws): the full (m, n) matrix, or per-query top-k (values only)."""
+
+    def make(dt, dev):
+        g = torch.Generator(device=dev).manual_seed(3)
+        X = torch.randn(N, n, device=dev, generator=g)
+        Y = X[:, :m] * 0.3 + torch.randn(N, m, device=dev, generator=g)
+        return X.to(dt), Y.to(dt)
+
+    def call(backend, X, Y):
+        if k is None:
+            return ops.trace_cov(X, Y, True, backend=backend)
+        return ops.trace_cov_topk(X, Y, k, normalize=True, backend=backend)[0]
+
+    op = "trace_cov" if k is None else "trace_cov_topk"
+    return Case(op, f"N={N} n={n} m={m}" + ("" if k is None else f" k={k}"), 2.0 * N * n * m, 0.0, make, call)
+
+
+def trace_cov_bytes(c: Case, dt: torch.dtype) -> float:
+    p = {q.split("=")[0]: int(q.split("=")[1]) for q in c.shape.split()}
+    out = p["m"] * p["k"] * 12 if "k" in p else p["m"] * p["n"] * 4
+    return p["N"] * (p["n"] + p["m"]) * _esize(dt) + out
+
+
+BYTES = {
+    "lora_per_sample_grads": lora_bytes,
+    "datainf_inverse_sum": datainf_bytes,
+    "rrinf_row_updates": rrinf_bytes,
+    "trace_cov": trace_cov_bytes,
+    "trace_cov_topk": trace_cov_bytes,
+}
 
 
 def cases(quick: bool) -> list[Case]:
@@ -165,10 +197,14 @@ def cases(quick: bool) -> list[Case]:
             datainf_case(300, 2048, 1),
             datainf_case(300, 2048, 64),
             rrinf_case(200, 300, 20),
+            trace_cov_case(160, 4000, 100),
+            trace_cov_case(160, 4000, 100, k=10),
         ]
     out = [lora_case(N, 512, 4096, r) for N in (16, 64) for r in (8, 16)]
     out += [datainf_case(4500, 65536, m) for m in (1, 16, 64, 128, 512)]
     out += [rrinf_case(1000, n, 100) for n in (300, 1000, 5000)]
+    out += [trace_cov_case(160, 100_000, 1000), trace_cov_case(800, 100_000, 1000)]
+    out += [trace_cov_case(160, 100_000, 1000, k=k) for k in (10, 64)]
     return out
 
 

@@ -5,7 +5,7 @@ from ._dispatch import backends
 from .datainf_inverse_sum import datainf_inverse_sum, datainf_inverse_sum_reference
 from .lora_per_sample_grads import lora_per_sample_grads, lora_per_sample_grads_reference
 from .rrinf_row_updates import rrinf_row_updates, rrinf_row_updates_reference
-from .trace_cov import CoMoments, trace_cov, trace_cov_reference
+from .trace_cov import CoMoments, trace_cov, trace_cov_reference, trace_cov_topk, trace_cov_topk_reference
 
 __all__ = [
     "backends",
@@ -17,5 +17,7 @@ __all__ = [
     "rrinf_row_updates_reference",
     "trace_cov",
     "trace_cov_reference",
+    "trace_cov_topk",
+    "trace_cov_topk_reference",
     "CoMoments",
 ]

@@ -2,6 +2,8 @@
 
 trace_cov(X (N, n), Y (N, m)) = −(1/(N−1)) Σ_d (Y_d − Ȳ)ᵀ (X_d − X̄)  → (m, n);
 ``normalize=True`` divides by the standard deviations (−Pearson correlation).
+trace_cov_topk(X, Y, k) gives each query's k largest (or smallest) scores and their training columns
+without ever holding the (m, n) matrix.
 
 The reference accumulates over blocks of draws with the pairwise (Chan et al.) merge of means and
 co-moments — never the one-pass Σxy − Nμμᵀ — so long float32 traces stay accurate.
@@ -11,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import implementation, resolve
+from ._dispatch import select
 
-__all__ = ["trace_cov", "trace_cov_reference", "CoMoments"]
+__all__ = ["trace_cov", "trace_cov_reference", "trace_cov_topk", "trace_cov_topk_reference", "CoMoments"]
 
 
 class CoMoments:
@@ -70,13 +72,18 @@ class CoMoments:
         if not normalize:
             return self.sxy.mul(-1.0 / (self.count - 1))
         sx, sy = self.sxx.sqrt(), self.syy.sqrt()
-        if bool((sx == 0).any()) or bool((sy == 0).any()):
-            which = "train" if bool((sx == 0).any()) else "query"
-            idx = int(torch.nonzero(sx == 0)[0, 0]) if which == "train" else int(torch.nonzero(sy == 0)[0, 0])
-            raise ValueError(
-                f"normalize=True: the {which} trace of example {idx} has zero variance (correlation undefined)"
-            )
+        _check_variances(sx, sy)
         return self.sxy.div(torch.outer(sy, sx)).neg_()
+
+
+def _check_variances(sx: torch.Tensor, sy: torch.Tensor) -> None:
+    """normalize=True: ValueError naming the first train (then query) example whose trace has zero spread."""
+    if bool((sx == 0).any()) or bool((sy == 0).any()):
+        which = "train" if bool((sx == 0).any()) else "query"
+        idx = int(torch.nonzero(sx == 0)[0, 0]) if which == "train" else int(torch.nonzero(sy == 0)[0, 0])
+        raise ValueError(
+            f"normalize=True: the {which} trace of example {idx} has zero variance (correlation undefined)"
+        )
 
 
 def _check(X: torch.Tensor, Y: torch.Tensor) -> None:
@@ -102,9 +109,87 @@ def trace_cov_reference(
 
 
 def trace_cov(X: torch.Tensor, Y: torch.Tensor, normalize: bool = False, *, backend: str = "auto", **kw):
-    """Dispatching version of :func:`trace_cov_reference` (same contract)."""
-    b = resolve("trace_cov", backend, X.device)
-    if b == "torch":
-        return trace_cov_reference(X, Y, normalize, **kw)
+    """Dispatching version of :func:`trace_cov_reference` (same contract and keyword options).
+
+    ``backend``: ``"auto"`` (CUDA extension > Triton > PyTorch, see :func:`fastinf.ops.backends`),
+    ``"cuda"``, ``"triton"`` or ``"torch"``. The Triton kernel takes float16/bfloat16/float32 inputs,
+    accumulates in float32 and returns float32; float64 inputs (or ``dtype=torch.float64``) run on the
+    PyTorch reference, which returns float64 by default.
+    """
     _check(X, Y)
-    return implementation("trace_cov", b)(X, Y, normalize, **kw)
+    _, fn = select("trace_cov", backend, X.device, (X, Y, normalize), kw)
+    if fn is None:
+        return trace_cov_reference(X, Y, normalize, **kw)
+    return fn(X, Y, normalize, **kw)
+
+
+def _check_k(k, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"trace_cov_topk: k must be an int in [1, n={n}], got {k!r}")
+
+
+def trace_cov_topk_reference(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    k: int,
+    *,
+    normalize: bool = False,
+    largest: bool = True,
+    block: int = 256,
+    dtype=None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference of the per-query top-k of :func:`trace_cov_reference`: (values (m, k), indices
+    (m, k) int64), sorted (descending for ``largest``, else ascending).
+
+    Never holds the (m, n) matrix: :func:`trace_cov_reference` runs on ``chunk_size`` training columns at a
+    time (default: about 2²⁴ scores per chunk, at least k columns) and the chunk top-k's are merged. Each
+    column's score depends only on that column, so the values are those of the full reference.
+    """
+    _check(X, Y)
+    n, m = X.shape[1], Y.shape[1]
+    _check_k(k, n)
+    if normalize:  # the full reference's zero-variance error, whichever chunk holds the column
+        accx = CoMoments(n, 0, dtype=dtype or torch.float64, device=X.device)
+        accy = CoMoments(0, m, dtype=dtype or torch.float64, device=X.device)
+        for s in range(0, X.shape[0], block):
+            accx.update(X[s : s + block], X[s : s + block, :0])
+            accy.update(Y[s : s + block, :0], Y[s : s + block])
+        _check_variances(accx.sxx.sqrt(), accy.syy.sqrt())
+    step = max(1, int(chunk_size)) if chunk_size is not None else max(k, (1 << 24) // max(m, 1))
+    vals = idx = None
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        sc = trace_cov_reference(X[:, s:e], Y, normalize, block=block, dtype=dtype)
+        v, i = torch.topk(sc, min(k, e - s), dim=1, largest=largest)
+        i = i + s
+        if vals is None:
+            vals, idx = v, i
+        else:
+            vals, sel = torch.topk(torch.cat([vals, v], 1), min(k, vals.shape[1] + v.shape[1]), 1, largest=largest)
+            idx = torch.gather(torch.cat([idx, i], 1), 1, sel)
+    return vals, idx
+
+
+def trace_cov_topk(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    k: int,
+    *,
+    normalize: bool = False,
+    largest: bool = True,
+    backend: str = "auto",
+    **kw,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatching version of :func:`trace_cov_topk_reference` (same contract and keyword options).
+
+    The Triton kernel keeps a running top-k per query (k ≤ 64; larger k runs the full kernel over column
+    chunks) and never writes the (m, n) matrix; its values are float32. Backends as for :func:`trace_cov`.
+    """
+    _check(X, Y)
+    _check_k(k, X.shape[1])
+    kw = {"normalize": normalize, "largest": largest, **kw}
+    _, fn = select("trace_cov_topk", backend, X.device, (X, Y, k), kw)
+    if fn is None:
+        return trace_cov_topk_reference(X, Y, k, **kw)
+    return fn(X, Y, k, **kw)
