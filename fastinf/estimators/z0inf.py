@@ -14,8 +14,10 @@ every fastinf estimator; ``self_influence`` likewise returns −Σ_t ‖ĝ_t‖�
 Options from the reference code (facebookresearch/z0inf): ``center_losses`` (subtract each
 checkpoint row's mean over the set's examples before differencing), ``weight_by_correlation``
 (multiply by the Spearman correlation over checkpoints of the raw loss trajectories; a constant
-trajectory gets weight 0), ``window="tail"`` (the reference's neighbours: the last K//2 checkpoints
-of the run for every t, excluding t) and ``normalization="reference"`` (the reference's coefficient
+trajectory gets weight 0; note that for an *opposing* pair both Z and the correlation are negative, so
+the signed product turns opponents into proponents — ``"abs"`` weights by |ρ| and keeps the sign
+of Z), ``window="tail"`` (the reference's neighbours: the last K//2 checkpoints of the run for every
+t, excluding t) and ``normalization="reference"`` (the reference's coefficient
 ⟨Δ_s, Δ_s'⟩ / (N_s² N_s'²): no 1/K_t², and N divided twice).
 """
 
@@ -85,7 +87,9 @@ class Z0InfOptions:
     neighbors: int = field(default=4, metadata={"help": "K, neighbour checkpoints per checkpoint"})
     window: str = field(default="window", metadata={"help": "'window' (nearest K) | 'tail' (reference code)"})
     center_losses: bool = field(default=True, metadata={"help": "subtract each checkpoint's mean loss"})
-    weight_by_correlation: bool = field(default=True, metadata={"help": "× Spearman of the raw loss trajectories"})
+    weight_by_correlation: bool | str = field(
+        default=True, metadata={"help": "× Spearman of the raw loss trajectories (True), × |Spearman| ('abs'), or off"}
+    )
     normalization: str = field(default="consistent", metadata={"help": "'consistent' | 'reference'"})
 
     def __post_init__(self) -> None:
@@ -93,6 +97,8 @@ class Z0InfOptions:
             raise ValueError(f"neighbors must be a positive int, got {self.neighbors!r}")
         if self.window not in ("window", "tail"):
             raise ValueError(f"window must be 'window' or 'tail', got {self.window!r}")
+        if self.weight_by_correlation not in (True, False, "abs"):
+            raise ValueError(f"weight_by_correlation must be True, False or 'abs', got {self.weight_by_correlation!r}")
         if self.normalization not in ("consistent", "reference"):
             raise ValueError(f"normalization must be 'consistent' or 'reference', got {self.normalization!r}")
 
@@ -169,7 +175,8 @@ class Z0Inf(TraceEstimator):
         test = self._prep(test)
         Z = self._embed(test).T @ self.E_train_[:, start:stop]
         if self.options.weight_by_correlation:
-            Z = Z * (_standardised_ranks(test.losses).T @ self._ranks_train[:, start:stop])
+            rho = _standardised_ranks(test.losses).T @ self._ranks_train[:, start:stop]
+            Z = Z * (rho.abs() if self.options.weight_by_correlation == "abs" else rho)
         return -Z
 
     def score(self, test: Any, *, reduce: str | None = None) -> torch.Tensor:

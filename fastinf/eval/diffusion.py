@@ -169,7 +169,7 @@ def diffusion_class_detection_experiment(
                 t1 = time.perf_counter()
                 Ltr = fastinf.loss_table(unet, checkpoints, tr_loader, loss_fn=cap_loss, progress=progress)
                 Lte = fastinf.loss_table(unet, checkpoints, te_loader, loss_fn=cap_loss, progress=progress)
-                est = fastinf.Z0Inf(neighbors=min(4, len(checkpoints) - 1))
+                est = fastinf.Z0Inf(neighbors=min(4, len(checkpoints) - 1), weight_by_correlation="abs")
                 sc = est.fit(fastinf.LossTrace(Ltr, fastinf.checkpoint_gram(checkpoints))).score(fastinf.LossTrace(Lte))
                 z_sec = time.perf_counter() - t1
             out["z0inf"] = _cd_record(

@@ -383,7 +383,8 @@ def _z0inf(net, checkpoints, train_loader, test_loader, flipped, exact_scores, p
             gram = fastinf.checkpoint_gram(checkpoints)
             t_tables = time.perf_counter() - t0
             t1 = time.perf_counter()
-            est = fastinf.Z0Inf(neighbors=min(4, len(checkpoints) - 1)).fit(fastinf.LossTrace(Ltr, gram))
+            est = fastinf.Z0Inf(neighbors=min(4, len(checkpoints) - 1), weight_by_correlation="abs")
+            est = est.fit(fastinf.LossTrace(Ltr, gram))
             scores = est.score(fastinf.LossTrace(Lte), reduce="mean")
             t_score = time.perf_counter() - t1
             self_scores = est.self_influence("fd")
@@ -391,7 +392,7 @@ def _z0inf(net, checkpoints, train_loader, test_loader, flipped, exact_scores, p
             "aucs": [mislabel_auc(scores, flipped)],
             "seconds": t_tables + t_score,
             "peak_mb": mem.peak_mb,
-            "note": f"loss tables {t_tables:.1f}s + scoring {t_score:.2f}s, T={len(checkpoints)}",
+            "note": f"loss tables {t_tables:.1f}s + scoring {t_score:.2f}s, T={len(checkpoints)}, |Spearman| weights",
         }
         self_rec = {
             "aucs": [mislabel_auc(-self_scores, flipped)],
@@ -766,7 +767,7 @@ def class_detection_experiment(
                 Ltr = fastinf.loss_table(net, checkpoints, tr_loader, progress=progress)
                 Lte = fastinf.loss_table(net, checkpoints, te_loader, progress=progress)
                 sc = (
-                    fastinf.Z0Inf(neighbors=min(4, len(checkpoints) - 1))
+                    fastinf.Z0Inf(neighbors=min(4, len(checkpoints) - 1), weight_by_correlation="abs")
                     .fit(fastinf.LossTrace(Ltr, fastinf.checkpoint_gram(checkpoints)))
                     .score(fastinf.LossTrace(Lte))
                 )

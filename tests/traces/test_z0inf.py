@@ -158,3 +158,17 @@ def test_bad_input():
         Z0Inf(window="all")
     with pytest.raises(ValueError, match="kind"):
         est.self_influence("exact")
+
+
+def test_abs_correlation_weighting_keeps_the_sign_of_z():
+    theta, Ltr, Lte = _run(seed=5)
+    gram = theta @ theta.T
+    plain = Z0Inf(weight_by_correlation=False).fit(LossTrace(Ltr, gram)).score(LossTrace(Lte))
+    absw = Z0Inf(weight_by_correlation="abs").fit(LossTrace(Ltr, gram)).score(LossTrace(Lte))
+    signed = Z0Inf().fit(LossTrace(Ltr, gram)).score(LossTrace(Lte))
+    rho = spearman_matrix(Ltr, Lte)
+    torch.testing.assert_close(absw, plain * rho.abs())
+    torch.testing.assert_close(signed, plain * rho)
+    assert bool(((absw * plain) >= 0).all())
+    with pytest.raises(ValueError, match="weight_by_correlation"):
+        Z0Inf(weight_by_correlation="yes")
