@@ -134,6 +134,9 @@ class Estimator:
     Options: ClassVar[type[EstimatorOptions]] = EstimatorOptions
     requires_positive_damping: ClassVar[bool] = True
     default_dtype: ClassVar[torch.dtype | None] = None  # None: input promoted to float32
+    # False: keep the training gradients in their own dtype (≥ float32) and cast one block at a time
+    # to the compute dtype (Exact's float64 solve would otherwise double the memory of the whole set)
+    cast_storage: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         valid = {f.name for f in dataclasses.fields(self.Options)}
@@ -153,7 +156,8 @@ class Estimator:
         """Fit on the training gradients (a GradientSet, or an (n, D) tensor). Returns ``self``."""
         train = self._coerce(train, "train")
         self.compute_dtype_ = self._compute_dtype(train)
-        self.train_ = train.to(device=self.options.device, dtype=self.compute_dtype_)
+        storage = self.compute_dtype_ if self.cast_storage else torch.promote_types(train.dtype, torch.float32)
+        self.train_ = train.to(device=self.options.device, dtype=storage)
         self.n_ = self.train_.n
         self._fit()
         return self
@@ -209,7 +213,7 @@ class Estimator:
         if not isinstance(self.options.damping, str):
             return self.options.damping
         train = self._check_fitted()
-        tot = sum(float(train[k].pow(2).sum()) for k in group)
+        tot = sum(float(torch.linalg.vector_norm(train[k]).square()) for k in group)
         width = sum(train.dims[k] for k in group)
         lam = self.options.damping_factor * tot / (train.n * width)
         if not lam > 0 and self.requires_positive_damping:
@@ -232,7 +236,11 @@ class Estimator:
 
     def _train_side(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Train side b_l(g_i) for examples start..stop: (c, d_l). Default: the gradients."""
-        return self.train_[name][start:stop]
+        return self.train_[name][start:stop].to(self.compute_dtype_)
+
+    def _blk(self, name: str) -> torch.Tensor:
+        """A training block in the compute dtype (a copy only when the storage dtype differs)."""
+        return self.train_[name].to(self.compute_dtype_)
 
     def _score_cols(self, tside: dict[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
         out = None

@@ -54,9 +54,26 @@ class DataInf(Estimator):
     def _fit(self) -> None:
         train = self.train_
         self.groups_ = self.block_groups()
-        self.lam_ = {tuple(g): self.damping_for(g) for g in self.groups_}
-        # ‖g_i‖² per group, reused by every pass
-        self.sqn_ = {tuple(g): sum(train[k].pow(2).sum(1) for k in g) for g in self.groups_}
+        self.lam_ = {tuple(g): self.options.damping for g in self.groups_}  # 'auto' is filled in below
+        # ‖g_i‖² per group, reused by every pass: one pass per block (vector_norm: no n×d temporary);
+        # the 'auto' λ follows from the same norms
+        self.sqn_ = {
+            tuple(g): sum(torch.linalg.vector_norm(train[k], dim=1).square() for k in g) for g in self.groups_
+        }
+        if self.options.damping == "auto":
+            for g in self.groups_:
+                width = sum(train.dims[k] for k in g)
+                lam = self.options.damping_factor * float(self.sqn_[tuple(g)].sum()) / (train.n * width)
+                if not lam > 0:
+                    raise ValueError(
+                        f"DataInf: the training gradients of {g[:3]} are all zero, so damping='auto' gives λ = 0; "
+                        "pass an explicit damping"
+                    )
+                self.lam_[tuple(g)] = lam
+
+    @property
+    def lambdas_(self) -> dict[str, float]:
+        return {k: self.lam_[tuple(g)] for g in self.groups_ for k in g}
 
     # --------------------------------------------------------------------------- streaming
     def _test_side(self, test: GradientSet) -> dict[str, torch.Tensor]:

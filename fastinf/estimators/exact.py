@@ -79,6 +79,7 @@ class Exact(Estimator):
     name = "exact"
     Options = ExactOptions
     default_dtype = torch.float64
+    cast_storage = False
 
     def _fit(self) -> None:
         train = self.train_
@@ -97,7 +98,7 @@ class Exact(Estimator):
                 A.diagonal().add_(n * lam)
                 self.factors_[tuple(group)] = (SPDFactor(A, n * lam), lam)
             else:
-                X = self._cat(train, group)
+                X = self._cat_blocks(group)
                 H = (X.T @ X).div_(n)
                 H.diagonal().add_(lam)
                 self.factors_[tuple(group)] = (SPDFactor(H, lam), lam)
@@ -106,11 +107,16 @@ class Exact(Estimator):
     def _cat(gs, group: list[str]) -> torch.Tensor:
         return torch.cat([gs[k] for k in group], dim=1) if len(group) > 1 else gs[group[0]]
 
+    def _cat_blocks(self, group: list[str], start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start..stop of the group's training blocks, concatenated, in the compute dtype."""
+        parts = [self.train_[k][start:stop].to(self.compute_dtype_) for k in group]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
     def _gram_rows(self, group: list[str], start: int, stop: int) -> torch.Tensor:
         """Rows start..stop of the Gram matrix K = Σ_l X_l X_lᵀ of a group: (c, n)."""
-        train, K = self.train_, None
+        K = None
         for k in group:
-            x = train[k]
+            x = self._blk(k)
             K = x[start:stop] @ x.T if K is None else K.addmm_(x[start:stop], x.T)
         return K
 
@@ -121,10 +127,11 @@ class Exact(Estimator):
         for group in self.block_groups():
             fac, lam = self.factors_[tuple(group)]
             if self.solves_[tuple(group)] == "n":
-                P = sum(train[k] @ test[k].T for k in group)  # (n, m)
+                blocks = {k: self._blk(k) for k in group} if len(group) == 1 else None
+                P = sum((blocks[k] if blocks else self._blk(k)) @ test[k].T for k in group)  # (n, m)
                 C = fac.solve(P)  # (K + nλI)⁻¹ Φᵀ t
                 for k in group:
-                    out[k] = (test[k] - C.T @ train[k]).div_(lam)
+                    out[k] = (test[k] - C.T @ (blocks[k] if blocks else self._blk(k))).div_(lam)
             else:
                 H = fac.solve(self._cat(test, group).T).T
                 off = 0
@@ -155,6 +162,6 @@ class Exact(Estimator):
                     quad = Kc[:, s:e].diagonal() - (Kc * fac.solve(Kc.T).T).sum(1)
                     out[s:e] -= quad / lam
                 else:
-                    X = self._cat(train, group)[s:e]
+                    X = self._cat_blocks(group, s, e)
                     out[s:e] -= (X * fac.solve(X.T).T).sum(1)
         return out

@@ -104,7 +104,7 @@ class RRInf(Estimator):
             self.layer_reg_, self.layer_inv_ = {}, {}
             for k in train.names:
                 self.layer_reg_[k] = n * self.damping_for([k]) / D
-                nsq = train[k].pow(2).sum(0)  # (d_l,): row norms of Φ_l
+                nsq = torch.linalg.vector_norm(train[k], dim=0).square()  # (d_l,): row norms of Φ_l
                 nz = nsq > 0
                 self.layer_inv_[k] = torch.where(nz, 1.0 / torch.where(nz, nsq, torch.ones_like(nsq)), 0.0)
             return self
@@ -226,6 +226,7 @@ class RRInfFixedPoint(Estimator):
     name = "rrinf_fixed_point"
     Options = RRInfFixedPointOptions
     default_dtype = torch.float64
+    cast_storage = False
 
     def _fit(self) -> None:
         o, train = self.options, self.train_
@@ -233,7 +234,7 @@ class RRInfFixedPoint(Estimator):
         L = len(train.names)
         self.coord_scale_: dict[str, torch.Tensor] = {}
         for k in train.names:
-            nsq = train[k].pow(2).sum(0)
+            nsq = torch.linalg.vector_norm(train[k].to(self.compute_dtype_), dim=0).square()
             a = (1.0 / D) if o.sampling != "layer" else 1.0 / (L * train.dims[k])
             nz = nsq > 0
             self.coord_scale_[k] = torch.where(nz, torch.sqrt(D * a / torch.where(nz, nsq, torch.ones_like(nsq))), 0.0)
@@ -242,7 +243,9 @@ class RRInfFixedPoint(Estimator):
         else:
             lam_bar = n * self.damping_for(train.names) / D
         self.lambda_eff_ = D * lam_bar / n
-        scaled = GradientSet({k: train[k] * self.coord_scale_[k] for k in train.names}, validate=False)
+        scaled = GradientSet(
+            {k: train[k] * self.coord_scale_[k].to(train[k].dtype) for k in train.names}, validate=False
+        )
         self.exact_ = Exact(
             damping=self.lambda_eff_, blockwise=False, solve=o.solve, dtype=self.compute_dtype_, backend=o.backend
         ).fit(scaled)
@@ -252,7 +255,7 @@ class RRInfFixedPoint(Estimator):
         return self.exact_._test_side(scaled)
 
     def _train_side(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.exact_.train_[name][start:stop]
+        return self.exact_._train_side(name, start, stop)
 
     def self_influence(self) -> torch.Tensor:
         return self.exact_.self_influence()

@@ -46,7 +46,8 @@ class DiagonalFisher(Estimator):
         for group in self.block_groups():
             lam = self.damping_for(group)
             for k in group:
-                self.inv_diag_[k] = 1.0 / (train[k].pow(2).mean(0) + lam)
+                colsq = torch.linalg.vector_norm(train[k], dim=0).square().div_(train.n)  # G_ιι, no n×d temporary
+                self.inv_diag_[k] = 1.0 / (colsq + lam)
 
     def _test_side(self, test: GradientSet) -> dict[str, torch.Tensor]:
         return {k: test[k] * self.inv_diag_[k] for k in test.names}

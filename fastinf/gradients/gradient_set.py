@@ -183,7 +183,10 @@ class GradientSet:
 
     def sq_norms(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Per-block squared norms of every example: name -> (n,)."""
-        return {k: (v if dtype is None else v.to(dtype)).pow(2).sum(dim=1) for k, v in self._blocks.items()}
+        return {
+            k: torch.linalg.vector_norm(v if dtype is None else v.to(dtype), dim=1).square()
+            for k, v in self._blocks.items()
+        }
 
     def to_dicts(self, shapes: Mapping[str, Sequence[int]] | None = None) -> list[dict[str, torch.Tensor]]:
         """One dict of tensors per example (inverse of :meth:`from_dicts`); ``shapes`` restores 2-D shapes."""

@@ -46,7 +46,7 @@ def datainf_inverse_sum_reference(
     step = n if chunk_size is None else max(1, int(chunk_size))
     for s in range(0, n, step):
         g = G[s : s + step].to(acc_dtype)
-        nsq = g.pow(2).sum(1) if sq_norms is None else sq_norms[s : s + step].to(acc_dtype)
+        nsq = torch.linalg.vector_norm(g, dim=1).square() if sq_norms is None else sq_norms[s : s + step].to(acc_dtype)
         C = (Tc @ g.T) / (lam + nsq)  # (m, c)
         S.addmm_(C, g)
     return (Tc - S / n) / lam

@@ -194,3 +194,15 @@ def test_all_zero_gradients_need_explicit_damping():
         fastinf.DataInf().fit(z)
     s = fastinf.DataInf(damping=1e-3).fit(z).score(z)
     assert torch.equal(s, torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize("method", ["exact", "rrinf_fixed_point"])
+def test_float64_solvers_do_not_copy_the_training_set_to_float64(problem, method):
+    train, test = problem
+    tr32, te32 = train.to(dtype=torch.float32), test.to(dtype=torch.float32)
+    est = fastinf.get_estimator(method).fit(tr32)
+    assert est.compute_dtype_ == torch.float64
+    inner = est.exact_ if method == "rrinf_fixed_point" else est
+    assert all(inner.train_[k].dtype == torch.float32 for k in inner.train_.names)  # stored as given
+    ref = fastinf.get_estimator(method).fit(tr32.to(dtype=torch.float64)).score(te32.to(dtype=torch.float64))
+    torch.testing.assert_close(est.score(te32), ref, rtol=1e-6, atol=1e-9)
