@@ -213,7 +213,8 @@ class Estimator:
         if not isinstance(self.options.damping, str):
             return self.options.damping
         train = self._check_fitted()
-        tot = sum(float(torch.linalg.vector_norm(train[k]).square()) for k in group)
+        # row norms (no n×d temporary), summed in float64
+        tot = sum(float(torch.linalg.vector_norm(train[k], dim=1).double().square().sum()) for k in group)
         width = sum(train.dims[k] for k in group)
         lam = self.options.damping_factor * tot / (train.n * width)
         if not lam > 0 and self.requires_positive_damping:

