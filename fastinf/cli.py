@@ -918,6 +918,7 @@ class GradsCommand(Command):
         parser.add_argument("--max-length", type=_positive_int, default=128)
         parser.add_argument("--projection", type=_positive_int, default=None, help="random projection dim per block")
         parser.add_argument("--overwrite", action="store_true", help="replace a store made with other arguments")
+        parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of a fresh adapter's weights")
         parser.add_argument("--no-progress", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -948,6 +949,7 @@ class GradsCommand(Command):
         if args.adapter is not None:
             model = PeftModel.from_pretrained(base, str(args.adapter), is_trainable=True)
         else:
+            torch.manual_seed(args.seed)  # a fresh adapter must be the same on a resumed run
             cfg = LoraConfig(
                 task_type=task, r=args.r, lora_alpha=2 * args.r, target_modules=targets, init_lora_weights=False
             )
@@ -980,7 +982,10 @@ class GradsCommand(Command):
         col = fastinf.LoRAGradientCollector(
             model, include_modules_to_save=args.model == "minilm", projection=args.projection
         )
-        store = col.collect(_Loader(), store=args.out, progress=not args.no_progress, overwrite=args.overwrite)
+        try:
+            store = col.collect(_Loader(), store=args.out, progress=not args.no_progress, overwrite=args.overwrite)
+        except fastinf.gradients.StoreError as e:
+            raise CommandError(str(e).replace("pass overwrite=True", "pass --overwrite")) from None
         print(f"{store.n} examples × {len(store.names)} blocks (D = {store.dim}) in {args.out}")
         return 0
 
