@@ -26,7 +26,7 @@ class DiffusionSettings:
     base_lr: float = 2e-3
     lora_lr: float = 2e-3
     lora_r: int = 4
-    timesteps_per_example: int = 4
+    timesteps: tuple[int, ...] = (100, 350, 600, 850)  # the fixed grid every train/test image is scored at
     checkpoints: int = 6
     rrinf_seeds: tuple[int, ...] = (0, 1, 2)
     damping_multipliers: tuple[float, ...] = (1, 10, 100, 1e3, 1e4, 1e5, 1e6)
@@ -144,8 +144,8 @@ def diffusion_class_detection_experiment(
 
     tr_loader = loader(tr_idx, torch.arange(len(tr_idx)))
     te_loader = loader(te_idx, torch.arange(len(te_idx)) + 10**6)  # test ids never coincide with train ids
-    cap_loss = DenoisingLoss(timesteps_per_example=s.timesteps_per_example, seed=seed, salt="influence")
-    say(f"capturing per-example gradients ({s.timesteps_per_example} fixed timesteps per image)")
+    cap_loss = DenoisingLoss(timesteps=s.timesteps, seed=seed, salt="influence")
+    say(f"capturing per-example gradients at timesteps {list(s.timesteps)} (noise seeded per image)")
     col = fastinf.LoRAGradientCollector(unet, loss_fn=cap_loss)
     (gtr, gte), grad_sec, _ = _timed_pair(
         lambda: (col.collect(tr_loader, progress=progress), col.collect(te_loader, progress=progress))

@@ -92,7 +92,9 @@ class DenoisingLoss:
     """Per-example denoising loss of a diffusers UNet with fixed, seeded timesteps and noise.
 
     For the example with global id ``batch["index"][i]``, ``timesteps_per_example`` timesteps and
-    their noise are drawn from a generator seeded by (``seed``, ``salt``, id), so scores are
+    their noise are drawn from a generator seeded by (``seed``, ``salt``, id) — or, with
+    ``timesteps=(t_1, ..., t_K)``, every example uses that fixed grid (so that train and test
+    gradients are compared at the same noise levels, as the DataInf paper does) — so scores are
     deterministic and independent of batching. Give train and test sets different ``salt`` values
     (e.g. "train" / "test") so that they never share noise by index. The loss is the mean over the
     timesteps of the mean squared error of the predicted noise (``prediction_type="epsilon"``) or of
@@ -106,6 +108,7 @@ class DenoisingLoss:
     timesteps_per_example: int = 1
     seed: int = 0
     salt: str = "train"
+    timesteps: tuple[int, ...] | None = None  # a fixed grid shared by every example (overrides the random draw)
     _steps: int = field(default=1000, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +117,11 @@ class DenoisingLoss:
 
             self.scheduler = DDPMScheduler(num_train_timesteps=1000)
         self._steps = int(self.scheduler.config.num_train_timesteps)
+        if self.timesteps is not None:
+            self.timesteps = tuple(int(t) for t in self.timesteps)
+            if not self.timesteps or any(not 0 <= t < self._steps for t in self.timesteps):
+                raise ValueError(f"timesteps must be a non-empty sequence in [0, {self._steps}), got {self.timesteps}")
+            self.timesteps_per_example = len(self.timesteps)
         if self.timesteps_per_example < 1:
             raise ValueError(f"timesteps_per_example must be >= 1, got {self.timesteps_per_example}")
 
@@ -121,6 +129,8 @@ class DenoisingLoss:
         key = zlib.crc32(f"{self.seed}/{self.salt}/{index}".encode())
         g = torch.Generator().manual_seed(key)
         t = torch.randint(0, self._steps, (self.timesteps_per_example,), generator=g)
+        if self.timesteps is not None:
+            t = torch.tensor(self.timesteps, dtype=torch.long)
         noise = torch.randn((self.timesteps_per_example, *shape), generator=g)
         return t, noise
 

@@ -278,3 +278,12 @@ def test_clear_errors():
         col.collect([batch], progress=False)
     with pytest.raises(ValueError, match="no default per-example loss"):
         LoRAGradientCollector(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_denoising_fixed_timestep_grid():
+    loss = DenoisingLoss(timesteps=(10, 500), seed=1)
+    t, noise = loss._draw(7, (1, 2, 2))
+    assert t.tolist() == [10, 500] and noise.shape == (2, 1, 2, 2) and loss.timesteps_per_example == 2
+    assert not torch.equal(noise, loss._draw(8, (1, 2, 2))[1])  # noise still differs per example
+    with pytest.raises(ValueError, match="timesteps"):
+        DenoisingLoss(timesteps=(5000,))
