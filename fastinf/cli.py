@@ -248,6 +248,7 @@ class InfoCommand(Command):
             "backends": fastinf.ops.backends(),
             "cuda_devices": devices,
             "methods": fastinf.available_methods(),
+            "data": _data_report(),
         }
 
     def run(self, args: argparse.Namespace) -> int:
@@ -269,7 +270,25 @@ class InfoCommand(Command):
         for d in info["cuda_devices"]:
             print(f"  cuda:{d['index']}  {d['name']}  {d['memory_gib']} GiB  (compute capability {d['capability']})")
         print(f"methods:  {', '.join(info['methods'])}")
+        print("models and data:")
+        for name, d in (info.get("data") or {}).items():
+            where = d.get("path") or ""
+            state = "found" if d.get("found") else f"MISSING ({d.get('install', 'see requirements-data.txt')})"
+            ver = f" {d['version']}" if d.get("version") else ""
+            extra = (
+                f", cache {d['cache']} ({'ready' if d.get('cached') else 'built on first use'})" if "cache" in d else ""
+            )
+            print(f"  {name:<16}{d.get('package', '')}{ver}: {state}  {where}{extra}")
         return 0
+
+
+def _data_report() -> dict[str, Any]:
+    try:
+        from .data import data_report
+
+        return data_report()
+    except Exception as e:  # noqa: BLE001 - info must always print
+        return {"error": {"found": False, "install": f"{type(e).__name__}: {e}"}}
 
 
 # ------------------------------------------------------------------------------------ demo
