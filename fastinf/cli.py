@@ -903,6 +903,9 @@ class EvalCommand(Command):
                 progress=progress,
             )
             res.meta["dataset"] = "DataInf math_with_reason" if args.task == "math" else "reasoning-gym gsm_symbolic"
+            from .eval.tasks import _write_cd_report
+
+            _write_cd_report(res, out)  # again, now with the data set's name
         print(fmt_cd(res))
         m = res.meta
         print(
