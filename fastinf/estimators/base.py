@@ -79,6 +79,16 @@ def influence(
     return get_estimator(method, **options).fit(train).score(test, reduce=reduce)
 
 
+def merge_topk(vals, idx, scores: torch.Tensor, offset: int, k: int, largest: bool):
+    """Merge the top-k of a chunk of columns (starting at column ``offset``) into running (vals, idx)."""
+    v, i = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest)
+    i = i + offset
+    if vals is None:
+        return v, i
+    vals, sel = torch.topk(torch.cat([vals, v], 1), min(k, vals.shape[1] + v.shape[1]), 1, largest=largest)
+    return vals, torch.gather(torch.cat([idx, i], 1), 1, sel)
+
+
 def _as_dtype(x: Any, fieldname: str) -> torch.dtype | None:
     if x is None:
         return None
@@ -296,13 +306,7 @@ class Estimator:
         for s in range(0, self.n_, chunk):
             e = min(s + chunk, self.n_)
             sc = self._score_cols(tside, s, e)
-            v, i = torch.topk(sc, min(k, e - s), dim=1, largest=largest)
-            i = i + s
-            if vals is None:
-                vals, idx = v, i
-            else:
-                vals, sel = torch.topk(torch.cat([vals, v], 1), min(k, vals.shape[1] + v.shape[1]), 1, largest=largest)
-                idx = torch.gather(torch.cat([idx, i], 1), 1, sel)
+            vals, idx = merge_topk(vals, idx, sc, s, k, largest)
         return vals, idx
 
     def self_influence(self) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from ..ops import trace_cov
 from ..ops.trace_cov import CoMoments
 from ..traces.loss_trace import LossTrace
-from .base import register
+from .base import merge_topk, register
 
 __all__ = ["BIF", "TraceEstimator"]
 
@@ -51,14 +51,7 @@ class TraceEstimator:
         chunk = max(1, (1 << 24) // max(test.n, 1))
         for s in range(0, train.n, chunk):
             e = min(s + chunk, train.n)
-            sc = self._score_cols(test, s, e)
-            v, i = torch.topk(sc, min(k, e - s), dim=1, largest=largest)
-            i = i + s
-            if vals is None:
-                vals, idx = v, i
-            else:
-                vals, sel = torch.topk(torch.cat([vals, v], 1), min(k, vals.shape[1] + v.shape[1]), 1, largest=largest)
-                idx = torch.gather(torch.cat([idx, i], 1), 1, sel)
+            vals, idx = merge_topk(vals, idx, self._score_cols(test, s, e), s, k, largest)
         return vals, idx
 
 

@@ -57,9 +57,7 @@ class DataInf(Estimator):
         self.lam_ = {tuple(g): self.options.damping for g in self.groups_}  # 'auto' is filled in below
         # ‖g_i‖² per group, reused by every pass: one pass per block (vector_norm: no n×d temporary);
         # the 'auto' λ follows from the same norms
-        self.sqn_ = {
-            tuple(g): sum(torch.linalg.vector_norm(train[k], dim=1).square() for k in g) for g in self.groups_
-        }
+        self.sqn_ = {tuple(g): sum(torch.linalg.vector_norm(train[k], dim=1).square() for k in g) for g in self.groups_}
         if self.options.damping == "auto":
             for g in self.groups_:
                 width = sum(train.dims[k] for k in g)

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .runner import GRADIENT_METHODS, PeakRSS, method_options, run_gradient_methods
-from .tasks import ExperimentResult, _cd_record, _timed_pair, _write_cd_report
+from .runner import GRADIENT_METHODS
+from .tasks import ExperimentResult, _timed_pair, _write_cd_report, cd_damping_sweep, cd_gradient_methods, cd_z0inf
 
 __all__ = ["DiffusionSettings", "diffusion_class_detection_experiment"]
 
@@ -151,42 +151,12 @@ def diffusion_class_detection_experiment(
         lambda: (col.collect(tr_loader, progress=progress), col.collect(te_loader, progress=progress))
     )
     ytr, yte = y[tr_idx].numpy(), y[te_idx].numpy()
-    runs = run_gradient_methods(
-        gtr,
-        gte,
-        [m for m in methods if m in GRADIENT_METHODS],
-        reduce=None,
-        rrinf_seeds=s.rrinf_seeds,
-        progress=progress,
-    )
-    out = ExperimentResult()
-    exact = runs["exact"].scores[0] if "exact" in runs and runs["exact"].scores else None
-    for name, run in runs.items():
-        out[name] = _cd_record(run.scores, run.seconds, run.peak_mb, ytr, yte, exact, run.error, run.info)
+    out, exact = cd_gradient_methods(gtr, gte, methods, ytr, yte, s.rrinf_seeds, progress)
     if "z0inf" in methods:
-        try:
-            with PeakRSS() as mem:
-                t1 = time.perf_counter()
-                Ltr = fastinf.loss_table(unet, checkpoints, tr_loader, loss_fn=cap_loss, progress=progress)
-                Lte = fastinf.loss_table(unet, checkpoints, te_loader, loss_fn=cap_loss, progress=progress)
-                est = fastinf.Z0Inf(neighbors=min(4, len(checkpoints) - 1), weight_by_correlation="abs")
-                sc = est.fit(fastinf.LossTrace(Ltr, fastinf.checkpoint_gram(checkpoints))).score(fastinf.LossTrace(Lte))
-                z_sec = time.perf_counter() - t1
-            out["z0inf"] = _cd_record(
-                [sc], [z_sec], mem.peak_mb, ytr, yte, exact, None, {"note": f"T={len(checkpoints)} checkpoints"}
-            )
-        except Exception as e:  # noqa: BLE001
-            out["z0inf"] = _cd_record([], [], 0, ytr, yte, exact, f"{type(e).__name__}: {e}", {})
+        out["z0inf"] = cd_z0inf(unet, checkpoints, tr_loader, te_loader, ytr, yte, exact, progress, loss_fn=cap_loss)
     sweeps: dict[str, Any] = {}
     if s.sweeps:
-        from .metrics import class_detection
-
-        sweeps["damping"] = {}
-        for name in ("exact", "datainf"):
-            sweeps["damping"][name] = {}
-            for mult in s.damping_multipliers:
-                sc = fastinf.get_estimator(name, **method_options(name, damping_factor=0.1 * mult)).fit(gtr).score(gte)
-                sweeps["damping"][name][float(mult)] = class_detection(sc, ytr, yte)["auc"][0]
+        sweeps["damping"] = cd_damping_sweep(gtr, gte, ytr, yte, s.damping_multipliers)
     out.meta = {
         "task": "diffusion class detection",
         "dataset": "digits",

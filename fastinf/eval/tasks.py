@@ -759,36 +759,10 @@ def class_detection_experiment(
         lambda: (col.collect(tr_loader, progress=progress), col.collect(te_loader, progress=progress))
     )
     meta.update(grad_seconds=sec, D=gtr.dim, blocks=len(gtr.names))
-    runs = run_gradient_methods(
-        gtr,
-        gte,
-        [m for m in methods if m in GRADIENT_METHODS],
-        reduce=None,
-        rrinf_seeds=s.rrinf_seeds,
-        progress=progress,
-    )
-    out = ExperimentResult()
-    exact = runs["exact"].scores[0] if "exact" in runs and runs["exact"].scores else None
-    for name, run in runs.items():
-        out[name] = _cd_record(run.scores, run.seconds, run.peak_mb, ytr, yte, exact, run.error, run.info)
+    out, exact = cd_gradient_methods(gtr, gte, methods, ytr, yte, s.rrinf_seeds, progress)
     if "z0inf" in methods:
         say(f"Z0-Inf: losses at {len(checkpoints)} checkpoints")
-        try:
-            with PeakRSS() as mem:
-                t1 = time.perf_counter()
-                Ltr = fastinf.loss_table(net, checkpoints, tr_loader, progress=progress)
-                Lte = fastinf.loss_table(net, checkpoints, te_loader, progress=progress)
-                sc = (
-                    fastinf.Z0Inf(neighbors=min(4, len(checkpoints) - 1), weight_by_correlation="abs")
-                    .fit(fastinf.LossTrace(Ltr, fastinf.checkpoint_gram(checkpoints)))
-                    .score(fastinf.LossTrace(Lte))
-                )
-                z_sec = time.perf_counter() - t1
-            out["z0inf"] = _cd_record(
-                [sc], [z_sec], mem.peak_mb, ytr, yte, exact, None, {"note": f"T={len(checkpoints)} checkpoints"}
-            )
-        except Exception as e:  # noqa: BLE001
-            out["z0inf"] = _cd_record([], [], 0, ytr, yte, exact, f"{type(e).__name__}: {e}", {})
+        out["z0inf"] = cd_z0inf(net, checkpoints, tr_loader, te_loader, ytr, yte, exact, progress)
     if "bif" in methods:
         say(f"BIF: {s.bif_chains} chains × {s.bif_draws} draws")
         try:
@@ -824,12 +798,7 @@ def class_detection_experiment(
     sweeps: dict[str, Any] = {}
     if s.sweeps:
         say("damping sweep (METHODS.md §9)")
-        sweeps["damping"] = {}
-        for name in ("exact", "datainf"):
-            sweeps["damping"][name] = {}
-            for mult in s.damping_multipliers:
-                sc = fastinf.get_estimator(name, **method_options(name, damping_factor=0.1 * mult)).fit(gtr).score(gte)
-                sweeps["damping"][name][float(mult)] = class_detection(sc, ytr, yte)["auc"][0]
+        sweeps["damping"] = cd_damping_sweep(gtr, gte, ytr, yte, s.damping_multipliers)
     meta["total_seconds"] = time.perf_counter() - t_start
     out.meta, out.sweeps, out.report_dir = meta, sweeps, None
     if report_dir is not None:
@@ -887,6 +856,54 @@ def _cd_record(scores, seconds, peak_mb, ytr, yte, exact, error, info) -> dict:
         ag = [agreement(sc, exact) for sc in scores]
         rec["corr_with_exact"] = float(np.mean([a["pearson"] for a in ag]))
     return rec
+
+
+def cd_gradient_methods(gtr, gte, methods, ytr, yte, rrinf_seeds, progress) -> tuple[ExperimentResult, Any]:
+    """Class-detection records of every gradient method (scores (m, n)); returns (records, exact scores)."""
+    runs = run_gradient_methods(
+        gtr,
+        gte,
+        [m for m in methods if m in GRADIENT_METHODS],
+        reduce=None,
+        rrinf_seeds=rrinf_seeds,
+        progress=progress,
+    )
+    out = ExperimentResult()
+    exact = runs["exact"].scores[0] if "exact" in runs and runs["exact"].scores else None
+    for name, run in runs.items():
+        out[name] = _cd_record(run.scores, run.seconds, run.peak_mb, ytr, yte, exact, run.error, run.info)
+    return out, exact
+
+
+def cd_z0inf(model, checkpoints, tr_loader, te_loader, ytr, yte, exact, progress, loss_fn=None) -> dict:
+    """Z0-Inf class-detection record from adapter checkpoints (|Spearman| weights, K = min(4, T − 1))."""
+    import fastinf
+
+    try:
+        with PeakRSS() as mem:
+            t1 = time.perf_counter()
+            Ltr = fastinf.loss_table(model, checkpoints, tr_loader, loss_fn=loss_fn, progress=progress)
+            Lte = fastinf.loss_table(model, checkpoints, te_loader, loss_fn=loss_fn, progress=progress)
+            est = fastinf.Z0Inf(neighbors=min(4, len(checkpoints) - 1), weight_by_correlation="abs")
+            sc = est.fit(fastinf.LossTrace(Ltr, fastinf.checkpoint_gram(checkpoints))).score(fastinf.LossTrace(Lte))
+            sec = time.perf_counter() - t1
+        note = {"note": f"T={len(checkpoints)} checkpoints"}
+        return _cd_record([sc], [sec], mem.peak_mb, ytr, yte, exact, None, note)
+    except Exception as e:  # noqa: BLE001
+        return _cd_record([], [], 0, ytr, yte, exact, f"{type(e).__name__}: {e}", {})
+
+
+def cd_damping_sweep(gtr, gte, ytr, yte, multipliers) -> dict:
+    """Class-detection AUC of exact and datainf over damping multipliers (METHODS.md §9)."""
+    import fastinf
+
+    out: dict[str, dict[float, float]] = {}
+    for name in ("exact", "datainf"):
+        out[name] = {}
+        for mult in multipliers:
+            sc = fastinf.get_estimator(name, **method_options(name, damping_factor=0.1 * mult)).fit(gtr).score(gte)
+            out[name][float(mult)] = class_detection(sc, ytr, yte)["auc"][0]
+    return out
 
 
 def class_detection_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
