@@ -127,21 +127,15 @@ def _text_classifier(model: str | Callable, num_labels: int, r: int):
     return tok, get_peft_model(base, cfg)
 
 
-def _train(model, train_ds, tokenizer, s: MislabelSettings, seed: int, ck_dir: Path, progress: bool):
-    """Fine-tune with the HF Trainer and fastinf's CheckpointCallback; returns the checkpoint paths."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+def _trainer_args(ck_dir: Path, batch_size: int, epochs: int, seed: int, progress: bool, **extra):
+    """HF TrainingArguments of every experiment: no saving or logging (fastinf's callback saves the
+    adapter), seeded, CPU unless a GPU is present."""
+    from transformers import TrainingArguments
 
-    from ..integrations.transformers import CheckpointCallback
-
-    steps_per_epoch = math.ceil(len(train_ds) / s.batch_size)
-    cb = CheckpointCallback(ck_dir, every_n_steps=max(1, steps_per_epoch // s.checkpoints_per_epoch), save_initial=True)
-    head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
-    opt = torch.optim.AdamW([{"params": lora, "lr": s.lr_lora}, {"params": head, "lr": s.lr_head}], weight_decay=0.0)
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(ck_dir / "trainer"),
-        per_device_train_batch_size=s.batch_size,
-        num_train_epochs=s.epochs,
+        per_device_train_batch_size=batch_size,
+        num_train_epochs=epochs,
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
@@ -150,8 +144,22 @@ def _train(model, train_ds, tokenizer, s: MislabelSettings, seed: int, ck_dir: P
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
-        lr_scheduler_type="linear",
+        **extra,
     )
+
+
+def _train(model, train_ds, tokenizer, s: MislabelSettings, seed: int, ck_dir: Path, progress: bool):
+    """Fine-tune with the HF Trainer and fastinf's CheckpointCallback; returns the checkpoint paths."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from ..integrations.transformers import CheckpointCallback
+
+    steps_per_epoch = math.ceil(len(train_ds) / s.batch_size)
+    cb = CheckpointCallback(ck_dir, every_n_steps=max(1, steps_per_epoch // s.checkpoints_per_epoch), save_initial=True)
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
+    opt = torch.optim.AdamW([{"params": lora, "lr": s.lr_lora}, {"params": head, "lr": s.lr_head}], weight_decay=0.0)
+    args = _trainer_args(ck_dir, s.batch_size, s.epochs, seed, progress, lr_scheduler_type="linear")
     trainer = Trainer(
         model=model,
         args=args,
@@ -808,26 +816,14 @@ def class_detection_experiment(
 
 
 def _train_lm(model, ds, collate, s: ClassDetectionSettings, seed: int, ck_dir: Path, progress: bool):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from ..integrations.transformers import CheckpointCallback
 
     steps = math.ceil(len(ds) / s.batch_size)
     cb = CheckpointCallback(ck_dir, every_n_steps=max(1, steps // s.checkpoints_per_epoch), save_initial=True)
-    args = TrainingArguments(
-        output_dir=str(ck_dir / "trainer"),
-        per_device_train_batch_size=s.batch_size,
-        num_train_epochs=s.epochs,
-        learning_rate=s.lr,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=not progress,
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
+    args = _trainer_args(
+        ck_dir, s.batch_size, s.epochs, seed, progress, learning_rate=s.lr, remove_unused_columns=False
     )
     Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[cb]).train()
     return cb.checkpoints
