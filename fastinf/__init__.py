@@ -5,8 +5,6 @@ Sign convention everywhere: a score is the derivative of the test loss with resp
 the training example, so positive = harmful, negative = helpful (METHODS.md §0).
 """
 
-__version__ = "0.1.0"
-
 from . import ops
 from .estimators import (
     BIF,
@@ -24,6 +22,7 @@ from .estimators import (
     influence,
 )
 from .gradients import GradientSet, GradientStore, LoRAGradientCollector
+from .version import __version__
 from .traces import LossTrace, checkpoint_gram, loss_table, sample_posterior_traces
 
 __all__ = [
