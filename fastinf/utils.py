@@ -123,6 +123,16 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _hwm_kb() -> int:
+    try:
+        return _status_kb("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+_ACTIVE: list[PeakMemory] = []
+
+
 class PeakMemory:
     """Peak memory a block of code adds, in MiB (``.mb``), without a sampling thread.
 
@@ -130,8 +140,8 @@ class PeakMemory:
     resetting it through ``/proc/self/clear_refs`` (Linux); elsewhere the growth of
     ``getrusage().ru_maxrss`` (0 when the block stays below an earlier peak of the process). CUDA
     (when available): the larger of that and ``torch.cuda.max_memory_allocated`` above its value at
-    entry. Not re-entrant: a probe inside another resets the outer one's CPU peak.
-    ``method`` says which CPU counter was used.
+    entry. Probes nest: an inner probe hands the peak it saw to the probes around it before it
+    resets the counter. ``method`` says which CPU counter was used.
     """
 
     def __init__(self, *, cuda: bool | None = None) -> None:
@@ -148,20 +158,26 @@ class PeakMemory:
             torch.cuda.synchronize()
             self._cuda_base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+        hwm = _hwm_kb()
+        for outer in _ACTIVE:  # the counter is about to be reset: keep what the outer probes have seen
+            outer._peak_kb = max(outer._peak_kb, hwm)
         if sys.platform.startswith("linux") and _reset_hwm():
             self.method = "VmHWM"
             self._start = _status_kb("VmRSS")
         else:
             self.method = "ru_maxrss"
             self._start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self._peak_kb = self._start
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.method == "VmHWM":
-            end = _status_kb("VmHWM")
-        else:
-            end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.mb = max(0, end - self._start) / 1024.0
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        end = _status_kb("VmHWM") if self.method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for outer in _ACTIVE:
+            outer._peak_kb = max(outer._peak_kb, end)
+        self.mb = max(0, max(end, self._peak_kb) - self._start) / 1024.0
         if self._cuda:
             import torch
 
