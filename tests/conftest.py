@@ -14,6 +14,15 @@ import fastinf  # noqa: E402
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
+@pytest.fixture
+def fresh_seed():
+    """A new random seed on every run, set as torch's global seed (CPU and CUDA): GPU tests draw fresh inputs
+    and put the seed into their failure messages, so that a failure can be reproduced."""
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
 def make_blocks(n, dims, *, seed=0, dtype=torch.float64, scale=None):
     """Random gradients with heterogeneous block scales (like LoRA A vs B blocks)."""
     g = torch.Generator().manual_seed(seed)

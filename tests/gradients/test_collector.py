@@ -6,10 +6,18 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from peft import LoraConfig, get_peft_model, inject_adapter_in_model  # noqa: E402
+from peft import inject_adapter_in_model  # noqa: E402
 
 from fastinf import LoRAGradientCollector  # noqa: E402
 from fastinf.gradients.losses import DenoisingLoss, causal_lm_loss, sequence_classification_loss  # noqa: E402
+from fastinf.testing import (  # noqa: E402
+    add_lora,
+    lora_config,
+    tiny_llama,
+    tiny_lora_llama,
+    tiny_lora_roberta,
+    tiny_unet2d,
+)
 
 
 def loop_gradients(model, loss_fn, batches, names):
@@ -38,27 +46,7 @@ def assert_grads_equal(got, ref, rtol):
 
 
 def _llama(dtype):
-    cfg = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg).to(dtype)
-    lcfg = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "k_proj", "v_proj"],
-        init_lora_weights=False,
-        lora_dropout=0.2,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(base, lcfg)
+    return tiny_lora_llama(dtype=dtype, pad_token_id=0, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.2)
 
 
 def _lm_examples(n, seed=0):
@@ -107,24 +95,7 @@ def test_batch_size_and_padding_side_invariance():
 
 
 def test_roberta_classifier_with_head_matches_loop():
-    cfg = transformers.RobertaConfig(
-        vocab_size=60,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=40,
-        num_labels=3,
-        pad_token_id=1,
-    )
-    torch.manual_seed(1)
-    base = transformers.RobertaForSequenceClassification(cfg).double()
-    model = get_peft_model(
-        base,
-        LoraConfig(
-            r=2, target_modules=["query", "value"], init_lora_weights=False, task_type="SEQ_CLS", lora_dropout=0.1
-        ),
-    )
+    model = tiny_lora_roberta(seed=1, num_labels=3, dtype=torch.float64, lora_dropout=0.1)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 60, (4, 9), generator=g)
     mask = torch.ones(4, 9, dtype=torch.long)
@@ -155,10 +126,7 @@ def test_gpt2_conv1d_fan_in_fan_out_matches_loop():
     cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32)
     torch.manual_seed(2)
     base = transformers.GPT2LMHeadModel(cfg).double()
-    model = get_peft_model(
-        base,
-        LoraConfig(r=3, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False, task_type="CAUSAL_LM"),
-    )
+    model = add_lora(base, ["c_attn"], r=3, fan_in_fan_out=True, task_type="CAUSAL_LM")
     g = torch.Generator().manual_seed(4)
     ex = [(torch.randint(0, 50, (L,), generator=g),) * 2 for L in (5, 8, 3)]
     col = LoRAGradientCollector(model, dtype=torch.float64)
@@ -168,22 +136,9 @@ def test_gpt2_conv1d_fan_in_fan_out_matches_loop():
 
 
 def _unet2d():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(3)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-        num_class_embeds=10,
-    ).double()
-    cfg = LoraConfig(r=2, target_modules=["to_q", "to_v", "conv1"], init_lora_weights=False)
-    return inject_adapter_in_model(cfg, unet)
+    pytest.importorskip("diffusers")
+    unet = tiny_unet2d(seed=3, dtype=torch.float64)
+    return inject_adapter_in_model(lora_config(["to_q", "to_v", "conv1"], r=2), unet)
 
 
 @pytest.mark.parametrize("timesteps", [1, 2])
@@ -202,21 +157,9 @@ def test_unet2d_linear_and_conv_lora_match_loop(timesteps):
 
 
 def test_unet2d_condition_add_adapter_matches_loop():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(4)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    ).double()
-    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    pytest.importorskip("diffusers")
+    unet = tiny_unet2d(seed=4, dtype=torch.float64, cross_attention_dim=12)
+    unet.add_adapter(lora_config(["to_q", "to_k", "to_v", "to_out.0"], r=2))
     g = torch.Generator().manual_seed(7)
     batch = {
         "pixel_values": torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64),
@@ -256,16 +199,7 @@ def test_projection_preserves_inner_products():
 
 
 def test_clear_errors():
-    cfg = transformers.LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    plain = transformers.LlamaForCausalLM(cfg)
+    plain = tiny_llama()
     with pytest.raises(ValueError, match="no LoRA adapters"):
         LoRAGradientCollector(plain)
     model = _llama(torch.float32)

@@ -20,6 +20,7 @@ import torch
 
 from fastinf import ops
 from fastinf.ops import _dispatch
+from fastinf.testing import assert_within_reference_error, poison_cuda_cache, rel_err, require_backend
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,40 +30,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 1e-3}
 
 
-def _backend(b: str) -> str:
-    if b == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1: Triton runs in the interpreter (tier b), not on the GPU")
-    state = ops.backends()[b]
-    if state != "available":
-        pytest.skip(f"{b}: {state}")
-    return b
-
-
-@pytest.fixture
-def seed():
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
-
-
-def _poison():
-    """Leave NaN in the caching allocator's free blocks, so that an output element the kernel does not
-    write shows up as NaN."""
-    junk = torch.full((64 << 20,), float("nan"), device="cuda")
-    del junk
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
 def _check(got: torch.Tensor, exact: torch.Tensor, lowp_err: float, dtype: torch.dtype, what: str, seed: int):
-    assert got.shape == exact.shape, what
-    assert torch.isfinite(got).all(), f"{what}: non-finite (unwritten?) elements; seed {seed}"
-    err = _rel(got, exact)
-    tol = 2.0 * lowp_err + FLOOR[dtype]
-    assert err <= tol, f"{what}: rel. error {err:.3g} > {tol:.3g} (reference's own error {lowp_err:.3g}); seed {seed}"
+    assert_within_reference_error(got, exact, lowp_err, factor=2.0, floor=FLOOR[dtype], what=what, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
@@ -80,8 +49,8 @@ def _lora_lowp(x, dy, A, B, scale, mask):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 130, 200, 136, 8, True), (2, 64, 256, 512, 20, False), (1, 7, 40, 24, 1, True)])
-def test_lora_per_sample_grads(backend, dtype, shape, seed):
-    b = _backend(backend)
+def test_lora_per_sample_grads(backend, dtype, shape, fresh_seed):
+    b = require_backend(backend)
     N, S, din, dout, r, masked = shape
     x = torch.randn(N, S, din, device="cuda").to(dtype)
     dy = torch.randn(N, S, dout, device="cuda").to(dtype)
@@ -92,14 +61,14 @@ def test_lora_per_sample_grads(backend, dtype, shape, seed):
         x.double(), dy.double(), A.to(dtype).double(), B.to(dtype).double(), 0.5, mask, return_sq_norms=True
     )
     lowp = _lora_lowp(x, dy, A, B, 0.5, mask)
-    _poison()
+    poison_cuda_cache()
     got = ops.lora_per_sample_grads(x, dy, A, B, 0.5, mask, return_sq_norms=True, backend=b)
     assert all(t.dtype == torch.float32 for t in got)
     # exact uses A, B rounded to the input dtype, as the kernels read them in that precision
-    err_a, err_b = _rel(lowp[0], exact[0]), _rel(lowp[1], exact[1])
-    _check(got[0], exact[0], err_a, dtype, f"{b} gA", seed)
-    _check(got[1], exact[1], err_b, dtype, f"{b} gB", seed)
-    _check(got[2], exact[2], 2 * (err_a + err_b), dtype, f"{b} squared norms", seed)
+    err_a, err_b = rel_err(lowp[0], exact[0]), rel_err(lowp[1], exact[1])
+    _check(got[0], exact[0], err_a, dtype, f"{b} gA", fresh_seed)
+    _check(got[1], exact[1], err_b, dtype, f"{b} gB", fresh_seed)
+    _check(got[2], exact[2], 2 * (err_a + err_b), dtype, f"{b} squared norms", fresh_seed)
 
 
 # ---------------------------------------------------------------------------------------------- DataInf
@@ -116,21 +85,21 @@ def _datainf_lowp(G, T, lam):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(300, 1024, 70, None), (129, 1031, 1, None), (257, 520, 17, 100)])
-def test_datainf_inverse_sum(backend, dtype, shape, seed):
-    b = _backend(backend)
+def test_datainf_inverse_sum(backend, dtype, shape, fresh_seed):
+    b = require_backend(backend)
     n, d, m, chunk = shape
     G = (torch.randn(n, d, device="cuda") * torch.rand(n, 1, device="cuda")).to(dtype)
     T = torch.randn(m, d, device="cuda").to(dtype)
     lam = 0.1 * float(G.float().pow(2).mean())  # the default damping rule
     exact = ops.datainf_inverse_sum_reference(G.double(), T.double(), lam)
-    lowp_err = _rel(_datainf_lowp(G, T, lam), exact)
-    _poison()
+    lowp_err = rel_err(_datainf_lowp(G, T, lam), exact)
+    poison_cuda_cache()
     got = ops.datainf_inverse_sum(G, T, lam, chunk_size=chunk, backend=b)
     assert got.dtype == torch.float32
-    _check(got, exact, lowp_err, dtype, f"{b} H", seed)
+    _check(got, exact, lowp_err, dtype, f"{b} H", fresh_seed)
     sq = G.double().pow(2).sum(1)
     got2 = ops.datainf_inverse_sum(G, T, lam, sq_norms=sq, backend=b)
-    _check(got2, exact, lowp_err, dtype, f"{b} H (given norms)", seed)
+    _check(got2, exact, lowp_err, dtype, f"{b} H (given norms)", fresh_seed)
 
 
 # ------------------------------------------------------------------------------------------------ RRInf
@@ -141,8 +110,8 @@ def test_datainf_inverse_sum(backend, dtype, shape, seed):
     [(300, 33, 1, 1), (400, 1000, 100, 4), (200, 5000, 300, 1), (50, 70000, 3, 2)],
     ids=["tiny", "batched", "n5000-m300", "n70000"],
 )
-def test_rrinf_row_updates(backend, dtype, shape, seed):
-    b = _backend(backend)
+def test_rrinf_row_updates(backend, dtype, shape, fresh_seed):
+    b = require_backend(backend)
     T, n, m, bsz = shape
     if b == "triton" and n > 16384:
         pytest.skip("the Triton kernel keeps Ω in registers (n ≤ 16384)")
@@ -157,20 +126,20 @@ def test_rrinf_row_updates(backend, dtype, shape, seed):
     exact = ops.rrinf_row_updates_reference(rows.double(), targets.double(), omega.double(), lr.double(), 1e-3, bsz)
     ref32 = ops.rrinf_row_updates_reference(rows, targets, omega, lr, 1e-3, bsz)
     # the kernels keep Ω in float32 like the reference; allow 10x its own float32 error
-    lowp_err = 5.0 * _rel(ref32, exact)
-    _poison()
+    lowp_err = 5.0 * rel_err(ref32, exact)
+    poison_cuda_cache()
     got = ops.rrinf_row_updates(rows, targets, omega, lr, 1e-3, bsz, backend=b)
     assert got.dtype == torch.float32
-    _check(got, exact, lowp_err, torch.float32, f"{b} Ω", seed)
+    _check(got, exact, lowp_err, torch.float32, f"{b} Ω", fresh_seed)
     got_f = ops.rrinf_row_updates(rows, targets, omega, 0.01, 1e-3, bsz, backend=b)  # lr as a float
     exact_f = ops.rrinf_row_updates_reference(rows.double(), targets.double(), omega.double(), 0.01, 1e-3, bsz)
-    _check(got_f, exact_f, 5.0 * _rel(ops.rrinf_row_updates_reference(rows, targets, omega, 0.01, 1e-3, bsz), exact_f),
-           torch.float32, f"{b} Ω (float lr)", seed)  # fmt: skip
+    ref32_f = ops.rrinf_row_updates_reference(rows, targets, omega, 0.01, 1e-3, bsz)
+    _check(got_f, exact_f, 5.0 * rel_err(ref32_f, exact_f), torch.float32, f"{b} Ω (float lr)", fresh_seed)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_rrinf_first_step_from_zero(backend):
-    b = _backend(backend)
+    b = require_backend(backend)
     phi, ups = torch.randn(1, 50, device="cuda"), torch.randn(1, 3, device="cuda")
     got = ops.rrinf_row_updates(phi, ups, torch.zeros(50, 3, device="cuda"), 0.01, 0.3, backend=b)
     torch.testing.assert_close(got, 2 * 0.01 * phi[0, :, None] * ups[0][None, :] / phi.pow(2).sum())

@@ -19,6 +19,12 @@ import torch
 
 from fastinf import ops
 from fastinf.ops import _dispatch
+from fastinf.testing import (
+    assert_within_reference_error,
+    poison_cuda_cache,
+    reference_tolerance,
+    require_backend,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,32 +32,6 @@ pytestmark = [
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = 5e-6  # relative; 3xTF32 products accumulated in float32 over up to ~1000 draws
-
-
-def _triton() -> str:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1: Triton runs in the interpreter (tier b), not on the GPU")
-    state = ops.backends()["triton"]
-    if state != "available":
-        pytest.skip(f"triton: {state}")
-    return "triton"
-
-
-@pytest.fixture
-def seed():
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
-
-
-def _poison():
-    junk = torch.full((64 << 20,), float("nan"), device="cuda")
-    del junk
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def _traces(N: int, n: int, m: int, dtype: torch.dtype, offset: float = 0.5):
@@ -65,53 +45,52 @@ def _traces(N: int, n: int, m: int, dtype: torch.dtype, offset: float = 0.5):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("shape", [(200, 5000, 300), (1000, 1031, 129), (2, 77, 5), (33, 64, 1)])
-def test_trace_cov(dtype, normalize, shape, seed):
-    b = _triton()
+def test_trace_cov(dtype, normalize, shape, fresh_seed):
+    b = require_backend("triton")
     N, n, m = shape
     X, Y = _traces(N, n, m, dtype)
     exact = ops.trace_cov_reference(X.double(), Y.double(), normalize)
-    err32 = _rel(ops.trace_cov_reference(X, Y, normalize, dtype=torch.float32), exact)
-    _poison()
+    ref32 = ops.trace_cov_reference(X, Y, normalize, dtype=torch.float32)
+    poison_cuda_cache()
     got = ops.trace_cov(X, Y, normalize, backend=b)
     assert got.shape == (m, n) and got.dtype == torch.float32
-    assert torch.isfinite(got).all(), f"non-finite (unwritten?) elements; seed {seed}"
-    tol = 4.0 * err32 + FLOOR
-    err = _rel(got, exact)
-    assert err <= tol, f"rel. error {err:.3g} > {tol:.3g} (float32 reference's {err32:.3g}); seed {seed}"
+    assert_within_reference_error(got, exact, ref32, factor=4.0, floor=FLOOR, what="trace_cov", seed=fresh_seed)
 
 
-def test_trace_cov_strided_inputs(seed):
-    b = _triton()
+def test_trace_cov_strided_inputs(fresh_seed):
+    b = require_backend("triton")
     X, Y = _traces(150, 3000, 40, torch.float32)
     Xs, Yt = X[:, 100:2100], Y.T.contiguous().T
     exact = ops.trace_cov_reference(Xs.double(), Yt.double(), True)
-    err32 = _rel(ops.trace_cov_reference(Xs, Yt, True, dtype=torch.float32), exact)
-    assert _rel(ops.trace_cov(Xs, Yt, True, backend=b), exact) <= 4.0 * err32 + FLOOR, f"seed {seed}"
+    ref32 = ops.trace_cov_reference(Xs, Yt, True, dtype=torch.float32)
+    got = ops.trace_cov(Xs, Yt, True, backend=b)
+    assert_within_reference_error(got, exact, ref32, factor=4.0, floor=FLOOR, what="strided trace_cov", seed=fresh_seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 10, 64, 100])
 @pytest.mark.parametrize("normalize,largest", [(False, True), (True, False)])
-def test_trace_cov_topk(dtype, k, normalize, largest, seed):
-    b = _triton()
+def test_trace_cov_topk(dtype, k, normalize, largest, fresh_seed):
+    b = require_backend("triton")
     N, n, m = 300, 20011, 77
     X, Y = _traces(N, n, m, dtype)
     exact = ops.trace_cov_reference(X.double(), Y.double(), normalize)
     ref32 = ops.trace_cov_reference(X, Y, normalize, dtype=torch.float32)
-    atol = 4.0 * float((ref32 - exact).abs().max()) + FLOOR * float(exact.abs().max())
-    _poison()
+    # the same rule in the max norm: 4x the float32 reference's largest error, plus the floor
+    atol = reference_tolerance(float((ref32 - exact).abs().max()), factor=4.0, floor=FLOOR * float(exact.abs().max()))
+    poison_cuda_cache()
     vals, idx = ops.trace_cov_topk(X, Y, k, normalize=normalize, largest=largest, backend=b)
     assert vals.shape == idx.shape == (m, k) and vals.dtype == torch.float32 and idx.dtype == torch.int64
-    assert torch.isfinite(vals).all() and bool(((idx >= 0) & (idx < n)).all()), f"seed {seed}"
+    assert torch.isfinite(vals).all() and bool(((idx >= 0) & (idx < n)).all()), f"seed {fresh_seed}"
     ev = torch.topk(exact, k, dim=1, largest=largest).values
     # the k-th order statistics move by at most the scores' error; each index carries its returned score
-    assert float((vals.double() - ev).abs().max()) <= atol, f"top-k values off; seed {seed}"
-    assert float((exact.gather(1, idx) - vals.double()).abs().max()) <= atol, f"indices do not match; seed {seed}"
-    assert bool((idx.sort(1).values.diff(dim=1) > 0).all()), f"repeated indices; seed {seed}"
+    assert float((vals.double() - ev).abs().max()) <= atol, f"top-k values off; seed {fresh_seed}"
+    assert float((exact.gather(1, idx) - vals.double()).abs().max()) <= atol, f"indices do not match; seed {fresh_seed}"
+    assert bool((idx.sort(1).values.diff(dim=1) > 0).all()), f"repeated indices; seed {fresh_seed}"
 
 
-def test_trace_cov_topk_never_materialises_the_matrix(seed):
-    b = _triton()
+def test_trace_cov_topk_never_materialises_the_matrix(fresh_seed):
+    b = require_backend("triton")
     N, n, m = 64, 400_000, 256
     X, Y = _traces(N, n, m, torch.float16)
     torch.cuda.synchronize()
@@ -123,12 +102,12 @@ def test_trace_cov_topk_never_materialises_the_matrix(seed):
     assert extra < 0.1 * m * n * 4, f"peak extra memory {extra / 2**20:.0f} MiB: (m, n) materialised?"
     # spot check: the best score over all columns is at least the best over a slice, by the full kernel
     sv = ops.trace_cov(X[:, :5000], Y, backend=b).max(1).values
-    assert bool((vals[:, 0] >= sv - 1e-5 * sv.abs().max()).all()), f"seed {seed}"
-    assert bool((vals.diff(dim=1) <= 0).all()), f"values not sorted; seed {seed}"
+    assert bool((vals[:, 0] >= sv - 1e-5 * sv.abs().max()).all()), f"seed {fresh_seed}"
+    assert bool((vals.diff(dim=1) <= 0).all()), f"values not sorted; seed {fresh_seed}"
 
 
-def test_trace_cov_zero_variance_and_fallbacks(seed):
-    b = _triton()
+def test_trace_cov_zero_variance_and_fallbacks(fresh_seed):
+    b = require_backend("triton")
     X, Y = _traces(50, 300, 7, torch.float32)
     X[:, 211] = 1.5
     with pytest.raises(ValueError, match="train trace of example 211 has zero variance"):

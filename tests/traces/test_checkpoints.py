@@ -6,29 +6,15 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import fastinf  # noqa: E402
 from fastinf.gradients.losses import sequence_classification_loss  # noqa: E402
+from fastinf.testing import perturbed_adapter_states, tiny_lora_roberta  # noqa: E402
 
 
 def _model():
-    cfg = transformers.RobertaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=20,
-        max_position_embeddings=24,
-        num_labels=2,
-        pad_token_id=1,
-    )
-    torch.manual_seed(0)
-    return get_peft_model(
-        transformers.RobertaForSequenceClassification(cfg),
-        LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False, task_type="SEQ_CLS"),
-    )
+    return tiny_lora_roberta(seed=0, num_labels=2)
 
 
 def _loader():
@@ -42,9 +28,7 @@ def _loader():
 
 
 def _perturbed_states(model, T):
-    base = get_peft_model_state_dict(model)
-    g = torch.Generator().manual_seed(2)
-    return [{k: v + 0.3 * (t + 1) * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in range(T)]
+    return perturbed_adapter_states(model, T, scale=0.3, seed=2, growing=True)
 
 
 def test_loss_table_swaps_in_place_and_matches_fresh_models(tmp_path):
@@ -87,13 +71,75 @@ def test_checkpoint_gram_streams_and_matches_dense(tmp_path):
         fastinf.checkpoint_gram([states[0], bad])
 
 
+def _loop_losses(states, batches):
+    """Independent per-example losses: each checkpoint loaded into a freshly built model the ordinary way
+    (peft's set_peft_model_state_dict), one example per forward pass, cross-entropy of the logits."""
+    out = torch.empty(len(states), sum(len(b["labels"]) for b in batches), dtype=torch.float64)
+    for t, state in enumerate(states):
+        fresh = _model()
+        peft.set_peft_model_state_dict(fresh, state)
+        fresh.eval()
+        j = 0
+        with torch.no_grad():
+            for b in batches:
+                for i in range(len(b["labels"])):
+                    logits = fresh(input_ids=b["input_ids"][i : i + 1], attention_mask=b["attention_mask"][i : i + 1])
+                    out[t, j] = torch.nn.functional.cross_entropy(logits.logits, b["labels"][i : i + 1]).double()
+                    j += 1
+    return out
+
+
+def _z0inf_by_definition(theta, L_tr, L_te, K):
+    """Z(i, j) = (1/T) Σ_t ⟨ĝ_t(z_i), ĝ_t(z_j)⟩ (METHODS.md §7) with explicit parameter vectors θ_t (T, D):
+    ĝ_t(z) = (1/K) Σ_{s ∈ 𝒩_t} (L[t, z] − L[s, z]) (θ_t − θ_s) / ‖θ_t − θ_s‖², 𝒩_t the K nearest s ≠ t
+    (ties toward the smaller s), losses centred per checkpoint over each set's examples."""
+    T = theta.shape[0]
+
+    def ghat(L):
+        L = L - L.mean(1, keepdim=True)
+        out = torch.zeros(T, L.shape[1], theta.shape[1], dtype=torch.float64)
+        for t in range(T):
+            nb = sorted(sorted((s for s in range(T) if s != t), key=lambda s: (abs(s - t), s))[:K])
+            for s in nb:
+                d = theta[t] - theta[s]
+                out[t] += torch.outer(L[t] - L[s], d / d.dot(d)) / K
+        return out
+
+    g_tr, g_te = ghat(L_tr), ghat(L_te)
+    return torch.einsum("tjd,tid->ji", g_te, g_tr) / T
+
+
+def _spearman(a, b):
+    """(m, n) Spearman correlations over dim 0 between the columns of b (T, m) and a (T, n), via scipy."""
+    from scipy.stats import spearmanr
+
+    n = a.shape[1]
+    rho = spearmanr(torch.cat([a, b], 1).numpy()).statistic  # (n + m, n + m)
+    return torch.from_numpy(rho[n:, :n])
+
+
 def test_z0inf_end_to_end_from_checkpoints():
+    """loss_table → checkpoint_gram → Z0Inf equals the method written out by definition on independently
+    computed losses and explicit parameter vectors (not through the Gram matrix or its factorisation)."""
+    pytest.importorskip("scipy")
     model = _model()
     states = _perturbed_states(model, 6)
-    L = fastinf.loss_table(model, states, _loader(), progress=False)
-    tr = fastinf.LossTrace(L, fastinf.checkpoint_gram(states))
-    scores = fastinf.Z0Inf().fit(tr).score(fastinf.LossTrace(L[:, :2]))
-    assert scores.shape == (2, 7) and torch.isfinite(scores).all()
+    loader = _loader()
+    L = fastinf.loss_table(model, states, loader, progress=False)
+    torch.testing.assert_close(L, _loop_losses(states, loader), rtol=1e-5, atol=1e-6)
+    keys = sorted(states[0])
+    theta = torch.stack([torch.cat([s[k].reshape(-1).double() for k in keys]) for s in states])
+    tr, te = fastinf.LossTrace(L, fastinf.checkpoint_gram(states)), fastinf.LossTrace(L[:, [5, 0, 3]])
+    Z = _z0inf_by_definition(theta, L, te.losses, K=2)
+    assert float(Z.abs().max()) > 0
+    plain = fastinf.Z0Inf(neighbors=2, weight_by_correlation=False).fit(tr).score(te)
+    assert plain.shape == (3, 7)
+    torch.testing.assert_close(plain, -Z, rtol=1e-9, atol=1e-12 * float(Z.abs().max()))
+    # the default weights each pair by the Spearman correlation of the raw loss trajectories
+    weighted = fastinf.Z0Inf(neighbors=2).fit(tr).score(te)
+    torch.testing.assert_close(weighted, -Z * _spearman(L, te.losses), rtol=1e-9, atol=1e-12 * float(Z.abs().max()))
+    # query 1 is training example 0: a trajectory has correlation 1 with itself, so that pair keeps its weight
+    assert float(weighted[1, 0]) == pytest.approx(float(plain[1, 0]), rel=1e-12)
 
 
 class _DS(torch.utils.data.Dataset):

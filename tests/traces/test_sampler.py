@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import fastinf
+from fastinf.testing import lm_batches, tiny_lora_llama
 from fastinf.traces.sampler import (
     PosteriorTraces,
     SamplerDiagnostics,
@@ -647,28 +648,13 @@ def test_divergence_names_chain_and_step():
 
 # ------------------------------------------------------------------------------ peft LoRA model
 def test_peft_lora_only_adapters_move():
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=61,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg)
-    lcfg = peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, lora_dropout=0.3
-    )
-    model = peft.get_peft_model(base, lcfg)
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    model = tiny_lora_llama(num_hidden_layers=1, pad_token_id=0, r=2, lora_alpha=4, lora_dropout=0.3)
     model.train()
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 61, (6, 7), generator=g)
-    batches = [{"input_ids": ids[:3], "labels": ids[:3]}, {"input_ids": ids[3:], "labels": ids[3:]}]
+    ids = torch.randint(1, model.config.vocab_size, (6, 7), generator=g)
+    batches = lm_batches(ids, 3, mask=False)
     before, rng = _state(model), torch.get_rng_state()
     lora = {k for k, v in model.named_parameters() if v.requires_grad}
     assert lora and all("lora_" in k for k in lora)
