@@ -1,15 +1,13 @@
 """The CUDA backend: the ops on top of the compiled extension (``csrc/``), same contracts as the references.
 
-Importing this module builds nothing; :func:`register_all` (called by the dispatcher on the first op on a
-CUDA tensor) loads or JIT-builds the extension and registers the three ops.
+Importing this module builds nothing. The dispatcher's static table (``fastinf.ops._dispatch.DISPATCH_TABLE``)
+names these functions (and their input checks in ``fastinf.kernels._common``); before the first op on a CUDA
+tensor it calls :func:`fastinf._ext.build.load`, which loads or JIT-builds the extension.
 """
 
 from __future__ import annotations
 
-import torch
-
 from ..kernels import _common as K
-from ..ops._dispatch import register
 from . import build
 
 
@@ -43,13 +41,3 @@ def rrinf_row_updates_cuda(rows, targets, omega, lr, reg, batch_size=1):
     rows, targets, out, lr_t = K.rrinf_inputs(rows, targets, omega, lr, batch_size)
     _ext().rrinf_updates(rows, targets, lr_t, out, float(reg), int(batch_size))
     return out
-
-
-def register_all() -> None:
-    """Load (or build) the extension and register the CUDA implementations with the dispatcher."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device is visible to torch")
-    _ext()
-    register("lora_per_sample_grads", "cuda", lora_per_sample_grads_cuda, K.supports_lora)
-    register("datainf_inverse_sum", "cuda", datainf_inverse_sum_cuda, K.supports_datainf)
-    register("rrinf_row_updates", "cuda", rrinf_row_updates_cuda, K.supports_rrinf)

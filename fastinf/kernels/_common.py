@@ -1,18 +1,43 @@
-"""Backend-independent glue of the kernels (imports neither triton nor the CUDA extension).
+"""Backend-independent glue of the kernels (imports neither triton nor the CUDA extension, nor ``fastinf.ops``).
 
 The Triton (``fastinf.kernels``) and CUDA (``fastinf._ext.ops``) implementations share the orchestration
 around their kernels, so that both compute exactly the same function: input checks that decide whether a
-kernel can take the inputs (``supports_*``: ``auto`` then moves on to the next backend), dtype unification,
-DataInf's two passes over row chunks of G, and the final sums of LoRA chunk partials.
+kernel can take the inputs (``supports_*``: the dispatch table in ``fastinf.ops._dispatch`` names them;
+``auto`` then moves on to the next backend), dtype unification, DataInf's two passes over row chunks of G,
+the final sums of LoRA chunk partials, and the chunked top-k merge of ``trace_cov_topk``. The PyTorch
+references in ``fastinf.ops`` use the shape checks and the top-k merge from here too, so that a kernel
+called directly raises the reference's errors. Plus the launch-time facts every Triton launcher asks:
+:func:`interpreting`, :func:`sm_count`, :func:`interp_upcast`.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- launch
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (Triton runs the kernels in Python, on CPU tensors too)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (4 off CUDA: the interpreter's stand-in)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def interp_upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors, upcast to float32 under the interpreter if any is bfloat16 (it computes bf16 wrongly)."""
+    if interpreting() and any(t.dtype == torch.bfloat16 for t in tensors):
+        return tuple(t.float() for t in tensors)
+    return tensors
 
 
 def _dtype_reason(*tensors: torch.Tensor | None) -> str | None:
@@ -119,3 +144,56 @@ def rrinf_inputs(rows, targets, omega, lr, batch_size):
     dt = compute_dtype(rows, targets)
     out = omega.to(dtype=torch.float32, copy=True).contiguous()
     return rows.to(dt).contiguous(), targets.to(dt).contiguous(), out, lr_t.contiguous()
+
+
+# ------------------------------------------------------------------------------------- trace covariance
+def check_traces(X: torch.Tensor, Y: torch.Tensor) -> None:
+    """trace_cov's input contract: X (N, n) and Y (N, m), the same N ≥ 2 draws."""
+    if X.dim() != 2 or Y.dim() != 2:
+        raise ValueError(f"trace_cov: X (N, n) and Y (N, m) must be 2-D, got {tuple(X.shape)}, {tuple(Y.shape)}")
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"trace_cov: X has {X.shape[0]} draws but Y has {Y.shape[0]}")
+    if X.shape[0] < 2:
+        raise ValueError("trace_cov: need at least 2 draws")
+
+
+def check_k(k, n: int) -> None:
+    """trace_cov_topk's k: an int in [1, n]."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"trace_cov_topk: k must be an int in [1, n={n}], got {k!r}")
+
+
+def check_variances(sx: torch.Tensor, sy: torch.Tensor) -> None:
+    """normalize=True: ValueError naming the first train (then query) example whose trace has zero spread."""
+    if bool((sx == 0).any()) or bool((sy == 0).any()):
+        which = "train" if bool((sx == 0).any()) else "query"
+        idx = int(torch.nonzero(sx == 0)[0, 0]) if which == "train" else int(torch.nonzero(sy == 0)[0, 0])
+        raise ValueError(
+            f"normalize=True: the {which} trace of example {idx} has zero variance (correlation undefined)"
+        )
+
+
+def chunked_topk(
+    n: int,
+    m: int,
+    k: int,
+    scores: Callable[[int, int], torch.Tensor],
+    *,
+    largest: bool,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row top-k of an (m, n) score matrix that is never held whole: ``scores(start, stop)`` gives columns
+    [start, stop) as (m, stop − start); chunks of ``chunk_size`` columns (default: about 2²⁴ scores per chunk,
+    at least k columns) are reduced with ``torch.topk`` and merged. Returns (values (m, k), indices (m, k))."""
+    step = max(1, int(chunk_size)) if chunk_size is not None else max(k, (1 << 24) // max(m, 1))
+    vals = idx = None
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        v, i = torch.topk(scores(s, e), min(k, e - s), dim=1, largest=largest)
+        i = i + s
+        if vals is None:
+            vals, idx = v, i
+        else:
+            vals, sel = torch.topk(torch.cat([vals, v], 1), min(k, vals.shape[1] + v.shape[1]), 1, largest=largest)
+            idx = torch.gather(torch.cat([idx, i], 1), 1, sel)
+    return vals, idx

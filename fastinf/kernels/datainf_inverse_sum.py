@@ -18,8 +18,6 @@ float16/bfloat16 inputs use 16-bit tensor-core operands (C rounded to the input 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -141,19 +139,9 @@ def _datainf_inverse_sum_kernel(
     tl.store(h_ptrs, h, mask=hmask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _configs(dtype: torch.dtype, m: int):
     """(coef config, apply config): block sizes, warps and pipeline stages for this dtype and m."""
-    if _interpreting():
+    if _common.interpreting():
         one = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
         return one, {"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
     bm = 64 if m <= 64 else 128
@@ -173,12 +161,11 @@ def datainf_inverse_sum_triton(G, T, lam, *, sq_norms=None, chunk_size=None, con
     ``config``: optional ``(coef, apply)`` dicts overriding the block sizes (for tuning runs).
     Under ``TRITON_INTERPRET=1`` bfloat16 inputs are upcast to float32 (the interpreter mishandles bf16).
     """
-    if _interpreting() and torch.bfloat16 in (G.dtype, T.dtype):
-        G, T = G.float(), T.float()
+    G, T = _common.interp_upcast(G, T)
     dt = _common.compute_dtype(G, T)
     cfg_coef, cfg_apply = config or _configs(dt, T.shape[0])
     prec = _precision(dt)
-    sms = _sm_count(G.device)
+    sms = _common.sm_count(G.device)
 
     def coef(g, t, need_nsq):
         n, d = g.shape

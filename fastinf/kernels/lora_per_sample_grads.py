@@ -13,8 +13,6 @@ copies, no masked copy of dy and no u/v round trip through device memory.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -107,12 +105,8 @@ def _lora_per_sample_grads_kernel(
         tl.store(ga_base + offs_r[:, None] * din + offs_d[None, :], ga, mask=r_ok[:, None] & d_ok[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _config(dtype: torch.dtype, S: int, r: int) -> dict:
-    if _interpreting():
+    if _common.interpreting():
         return {"BLOCK_S": 16, "BLOCK_R": 16, "BLOCK_D": 16, "num_warps": 1, "num_stages": 1}
     block_r = min(64, max(16, triton.next_power_of_2(r)))
     block_s = 64 if S <= 2048 else 128
@@ -131,8 +125,7 @@ def lora_per_sample_grads_triton(x, dy, A, B, scale=1.0, mask=None, *, return_sq
     ``config``: optional dict of block sizes overriding the default (for tuning runs).
     Under ``TRITON_INTERPRET=1`` bfloat16 inputs are upcast to float32 (the interpreter mishandles bf16).
     """
-    if _interpreting() and torch.bfloat16 in (x.dtype, dy.dtype):
-        x, dy = x.float(), dy.float()
+    x, dy = _common.interp_upcast(x, dy)
     x, dy, A, B = _common.lora_inputs(x, dy, A, B)
     N, S, din = x.shape
     dout, r = B.shape

@@ -14,8 +14,6 @@ registers as a (next_pow2(n), BLOCK_M) block, so this kernel takes n ≤ 16384 (
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -74,10 +72,6 @@ def _rrinf_row_updates_kernel(
     tl.store(OUT + offs_n[:, None] * m + offs_m[None, :], W, mask=w_mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def supports(rows, targets, omega, lr, reg, batch_size=1, **_) -> str | None:
     why = _common.supports_rrinf(rows, targets, omega, lr, reg, batch_size)
     if why is None and rows.shape[1] > MAX_N:
@@ -87,9 +81,9 @@ def supports(rows, targets, omega, lr, reg, batch_size=1, **_) -> str | None:
 
 def _config(n: int, m: int, device: torch.device) -> dict:
     block_n = max(16, triton.next_power_of_2(max(n, 1)))
-    if _interpreting():
+    if _common.interpreting():
         return {"BLOCK_N": block_n, "BLOCK_M": min(4, triton.next_power_of_2(max(m, 1))), "num_warps": 1}
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _common.sm_count(device)
     block_m = 1
     while triton.cdiv(m, block_m) > sms and block_n * block_m * 2 <= 16384:
         block_m *= 2
@@ -104,8 +98,7 @@ def rrinf_row_updates_triton(rows, targets, omega, lr, reg, batch_size=1, *, con
     """
     if rows.shape[1] > MAX_N:
         raise ValueError(supports(rows, targets, omega, lr, reg, batch_size))
-    if _interpreting() and torch.bfloat16 in (rows.dtype, targets.dtype):
-        rows, targets = rows.float(), targets.float()
+    rows, targets = _common.interp_upcast(rows, targets)
     rows, targets, out, lr_t = _common.rrinf_inputs(rows, targets, omega, lr, batch_size)
     n, m = out.shape
     steps = rows.shape[0] // batch_size

@@ -29,13 +29,10 @@ pass-1 sums of squares (exactly 0 for a constant column). Inputs float32/float16
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..ops.trace_cov import _check, _check_k, _check_variances
 from . import _common
 
 __all__ = ["trace_cov_triton", "trace_cov_topk_triton", "supports_trace_cov", "supports_trace_cov_topk", "MAX_K"]
@@ -248,28 +245,18 @@ def _trace_cov_topk_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- host side
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _configs(m: int, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """Block sizes, warps and stages of the three kernels (one config under the interpreter); the top-k
     kernel's ``programs`` is the number of programs its column splits aim at. float32 tiles take two pipeline
     stages in the GEMM (about 96 KB of shared memory at 128 × 128 × 32; three would need 128 KB)."""
-    if _interpreting():
+    if _common.interpreting():
         return {
             "stats": {"BLOCK_D": 8, "BLOCK_C": 16, "num_warps": 1, "num_stages": 1},
             "gemm": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1},
             "topk": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1, "programs": 2},
         }
     bm = 64 if m <= 64 else 128
-    sms = _sm_count(device)
+    sms = _common.sm_count(device)
     st = 2 if dtype == torch.float32 else 3
     return {
         "stats": {"BLOCK_D": 32, "BLOCK_C": 128, "num_warps": 4, "num_stages": 2},
@@ -290,8 +277,7 @@ def supports_trace_cov_topk(X, Y, k, *, normalize=False, largest=True, block=256
 
 
 def _inputs(X: torch.Tensor, Y: torch.Tensor):
-    if _interpreting() and torch.bfloat16 in (X.dtype, Y.dtype):
-        X, Y = X.float(), Y.float()  # the interpreter mishandles bf16
+    X, Y = _common.interp_upcast(X, Y)
     dt = _common.compute_dtype(X, Y)
     return X.to(dt), Y.to(dt)
 
@@ -311,7 +297,7 @@ class _Prepared:
     """Pass 1 done: inputs, statistics and the epilogue's scaling."""
 
     def __init__(self, X, Y, normalize: bool, cfgs: dict) -> None:
-        _check(X, Y)
+        _common.check_traces(X, Y)
         self.X, self.Y = _inputs(X, Y)
         self.N, self.n = self.X.shape
         self.m = self.Y.shape[1]
@@ -320,7 +306,7 @@ class _Prepared:
         self.ky, self.my, m2y = _stats(self.Y, cfgs["stats"])
         self.normalize = bool(normalize)
         if self.normalize:
-            _check_variances(m2x, m2y)  # the reference's error: a constant column's sum is exactly 0
+            _common.check_variances(m2x, m2y)  # the reference's error: a constant column's sum is exactly 0
             self.sx = m2x.double().rsqrt().float()
             self.sy = m2y.double().rsqrt().neg().float()
         else:
@@ -370,13 +356,6 @@ class _Prepared:
         return (vals if largest else vals.neg()), idx
 
 
-def _merge_topk(vals, idx, v, i, k: int, largest: bool):
-    if vals is None:
-        return v, i
-    v2, sel = torch.topk(torch.cat([vals, v], 1), min(k, vals.shape[1] + v.shape[1]), dim=1, largest=largest)
-    return v2, torch.gather(torch.cat([idx, i], 1), 1, sel)
-
-
 def trace_cov_triton(X, Y, normalize=False, *, block=256, dtype=None, config=None):
     """Triton version of :func:`fastinf.ops.trace_cov_reference` (same contract; float32 output).
 
@@ -404,8 +383,8 @@ def trace_cov_topk_triton(
     why = supports_trace_cov_topk(X, Y, k, block=block, dtype=dtype)
     if why is not None:
         raise ValueError(f"trace_cov_topk_triton: {why}")
-    _check(X, Y)
-    _check_k(k, X.shape[1])
+    _common.check_traces(X, Y)
+    _common.check_k(k, X.shape[1])
     cfgs = {**_configs(Y.shape[1] if Y.dim() == 2 else 0, X.device, _common.compute_dtype(X, Y)), **(config or {})}
     p = _Prepared(X, Y, normalize, cfgs)
     if p.m == 0:
@@ -413,10 +392,4 @@ def trace_cov_topk_triton(
         return empty, empty.long()
     if k <= MAX_K and chunk_size is None:
         return p.topk_fused(k, largest)
-    step = max(1, int(chunk_size)) if chunk_size is not None else max(k, (1 << 24) // max(p.m, 1))
-    vals = idx = None
-    for s in range(0, p.n, step):
-        e = min(s + step, p.n)
-        v, i = torch.topk(p.full(s, e), min(k, e - s), dim=1, largest=largest)
-        vals, idx = _merge_topk(vals, idx, v, i + s, k, largest)
-    return vals, idx
+    return _common.chunked_topk(p.n, p.m, k, p.full, largest=largest, chunk_size=chunk_size)

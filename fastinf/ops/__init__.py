@@ -1,5 +1,6 @@
 """Numeric ops. Each has ``<op>_reference`` (pure PyTorch: CPU path and test oracle) and ``<op>``
-(dispatcher: CUDA extension > Triton > PyTorch, see :func:`backends`)."""
+(dispatcher: the backends in the order of the static table ``_dispatch.DISPATCH_TABLE``, today CUDA
+extension > Triton > PyTorch; see :func:`backends`)."""
 
 from ._dispatch import backends
 from .datainf_inverse_sum import datainf_inverse_sum, datainf_inverse_sum_reference

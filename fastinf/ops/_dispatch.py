@@ -1,15 +1,17 @@
-"""Backend choice for the numeric ops: CUDA extension > Triton > PyTorch.
+"""Backend choice for the numeric ops, read from one static table: :data:`DISPATCH_TABLE`.
 
-``backend="auto"`` takes the best backend that can run the op on the given tensors and logs the choice
-once per (op, backend, device type). An explicitly requested backend that cannot run raises
-``RuntimeError`` naming the op, the backend, the device and the reason; it never falls back silently.
-The environment variable ``FASTINF_BACKEND`` (``auto``/``cuda``/``triton``/``torch``) overrides
-``backend="auto"`` and then counts as an explicit request.
+For every op the table lists its backends in the order ``backend="auto"`` tries them; each row names the
+module and function that implement the op and the check that decides whether that function takes the given
+inputs. ``auto`` takes the first backend that can run the op on the given tensors and logs the choice once per
+(op, backend, device type). An explicitly requested backend that cannot run raises ``RuntimeError`` naming the
+op, the backend, the device and the reason; it never falls back silently. The environment variable
+``FASTINF_BACKEND`` (``auto``/``cuda``/``triton``/``torch``) overrides ``backend="auto"`` and then counts as an
+explicit request.
 
-Kernels register lazily: nothing here imports triton, builds the CUDA extension or initialises CUDA
-until an op is dispatched on a CUDA tensor. Then the Triton kernels (``fastinf.kernels``) and the CUDA
-extension (``fastinf._ext``, JIT-built with ninja on first use and cached) are loaded once; a load or
-build failure is remembered and reported as the backend's reason.
+The backends never import ``fastinf.ops``: the table refers to them by module path, and nothing here imports
+triton, builds the CUDA extension or initialises CUDA until an op is dispatched on a CUDA tensor. Then the
+backend's modules named in the table are imported once (for ``cuda`` after :data:`BACKEND_SETUP` has loaded or
+JIT-built the extension, cached); a load or build failure is remembered and reported as the backend's reason.
 """
 
 from __future__ import annotations
@@ -20,31 +22,91 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger("fastinf.ops")
 
 BACKENDS = ("cuda", "triton", "torch")
-_KERNELS: dict[tuple[str, str], Callable] = {}  # (op, backend) -> implementation
-_SUPPORTS: dict[tuple[str, str], Callable[..., str | None]] = {}  # (op, backend) -> reason-or-None check
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of :data:`DISPATCH_TABLE`: ``module.function`` implements the op on backend ``name``.
+
+    ``supports`` (``"module:function"``, optional) has the op's signature and returns ``None`` if the
+    implementation takes these inputs, else the reason (e.g. an unsupported dtype); ``auto`` then moves on.
+    """
+
+    name: str  # "cuda" | "triton" | "torch"
+    module: str
+    function: str
+    supports: str | None = None
+
+
+_EXT = "fastinf._ext.ops"
+_K = "fastinf.kernels"
+_COMMON = "fastinf.kernels._common"  # the checks the CUDA and Triton kernels share
+
+# op -> its backends in the order ``auto`` tries them; the ``torch`` row is the op's PyTorch reference and
+# always runs. No backend has been measured on a GPU yet (bench/results holds CPU timings of the reference
+# only), so every op keeps the order it had before this table existed: CUDA extension > Triton > PyTorch.
+# A later issue replaces it with the order the GPU measurements support (per shape class where they differ).
+# A backend without a row for an op has no kernel for it: ``backend=<it>`` raises, ``auto`` does not try it.
+DISPATCH_TABLE: dict[str, tuple[Backend, ...]] = {
+    "lora_per_sample_grads": (
+        Backend("cuda", _EXT, "lora_per_sample_grads_cuda", f"{_COMMON}:supports_lora"),
+        Backend("triton", f"{_K}.lora_per_sample_grads", "lora_per_sample_grads_triton", f"{_COMMON}:supports_lora"),
+        Backend("torch", "fastinf.ops.lora_per_sample_grads", "lora_per_sample_grads_reference"),
+    ),
+    "datainf_inverse_sum": (
+        Backend("cuda", _EXT, "datainf_inverse_sum_cuda", f"{_COMMON}:supports_datainf"),
+        Backend("triton", f"{_K}.datainf_inverse_sum", "datainf_inverse_sum_triton", f"{_COMMON}:supports_datainf"),
+        Backend("torch", "fastinf.ops.datainf_inverse_sum", "datainf_inverse_sum_reference"),
+    ),
+    "rrinf_row_updates": (
+        Backend("cuda", _EXT, "rrinf_row_updates_cuda", f"{_COMMON}:supports_rrinf"),
+        # the Triton check adds the kernel's size limit (Ω kept in registers)
+        Backend("triton", f"{_K}.rrinf_row_updates", "rrinf_row_updates_triton", f"{_K}.rrinf_row_updates:supports"),
+        Backend("torch", "fastinf.ops.rrinf_row_updates", "rrinf_row_updates_reference"),
+    ),
+    "trace_cov": (
+        Backend("triton", f"{_K}.trace_cov", "trace_cov_triton", f"{_K}.trace_cov:supports_trace_cov"),
+        Backend("torch", "fastinf.ops.trace_cov", "trace_cov_reference"),
+    ),
+    "trace_cov_topk": (
+        Backend("triton", f"{_K}.trace_cov", "trace_cov_topk_triton", f"{_K}.trace_cov:supports_trace_cov_topk"),
+        Backend("torch", "fastinf.ops.trace_cov", "trace_cov_topk_reference"),
+    ),
+}
+
+# backend -> "module:function" called once before the backend's first op (loads or JIT-builds the extension)
+BACKEND_SETUP: dict[str, str] = {"cuda": "fastinf._ext.build:load"}
+
+_IMPLS: dict[tuple[str, str], tuple[Callable, Callable[..., str | None] | None]] = {}  # (op, backend) -> (fn, check)
 _LOGGED: set[tuple[str, str, str]] = set()
 _LOAD_ERRORS: dict[str, str] = {}  # backend -> why its kernels could not be loaded
 _LOADED: set[str] = set()
 _LOCK = threading.RLock()
 
 
-def register(op: str, backend: str, fn: Callable, supports: Callable[..., str | None] | None = None) -> None:
-    """Register an implementation of ``op`` for ``backend`` (used by kernel modules).
+def _attr(path: str):
+    """The object ``"module:name"`` names (the module is imported)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
-    ``fn`` has the reference's signature. ``supports(*args, **kwargs)`` (optional) returns ``None`` if
-    ``fn`` can run these inputs, else the reason (e.g. an unsupported dtype); ``auto`` then moves on.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _KERNELS[(op, backend)] = fn
-    if supports is not None:
-        _SUPPORTS[(op, backend)] = supports
+
+def _row(op: str, backend: str) -> Backend | None:
+    return next((r for r in DISPATCH_TABLE.get(op, ()) if r.name == backend), None)
+
+
+def _load_row(op: str, row: Backend) -> tuple[Callable, Callable[..., str | None] | None]:
+    key = (op, row.name)
+    if key not in _IMPLS:
+        fn = getattr(importlib.import_module(row.module), row.function)
+        _IMPLS[key] = (fn, _attr(row.supports) if row.supports else None)
+    return _IMPLS[key]
 
 
 def _cuda_capability_reason() -> str | None:
@@ -78,7 +140,8 @@ def _why_unavailable(backend: str, device: torch.device | None = None) -> str | 
 
 
 def _ensure_loaded(backend: str) -> str | None:
-    """Import / build ``backend``'s kernels once (they register themselves). None on success, else why not."""
+    """Set up ``backend`` and import every implementation the table names for it, once. None on success,
+    else why not (remembered)."""
     if backend == "torch" or backend in _LOADED:
         return None
     with _LOCK:
@@ -87,10 +150,12 @@ def _ensure_loaded(backend: str) -> str | None:
         if backend in _LOAD_ERRORS:
             return _LOAD_ERRORS[backend]
         try:
-            if backend == "triton":
-                importlib.import_module("fastinf.kernels").register_all()
-            else:
-                importlib.import_module("fastinf._ext.ops").register_all()
+            if backend in BACKEND_SETUP:
+                _attr(BACKEND_SETUP[backend])()
+            for op, rows in DISPATCH_TABLE.items():
+                for row in rows:
+                    if row.name == backend:
+                        _load_row(op, row)
         except Exception as e:  # noqa: BLE001 - any load/build failure becomes the backend's reason
             _LOAD_ERRORS[backend] = f"loading the {backend} kernels failed: {type(e).__name__}: {e}"
             log.warning("fastinf.ops: the %s backend is unavailable: %s", backend, _LOAD_ERRORS[backend])
@@ -123,35 +188,41 @@ def _requested(backend: str) -> str:
 
 
 def _reason(op: str, backend: str, device: torch.device, args: tuple, kwargs: dict) -> str | None:
-    why = _why_unavailable(backend, device) or _ensure_loaded(backend)
-    if why is None and (op, backend) not in _KERNELS:
+    """None if ``backend`` runs ``op`` on these inputs (its implementation is then loaded), else why not."""
+    why = _why_unavailable(backend, device)
+    if why is None and _row(op, backend) is None:
         why = f"no {backend} kernel for {op} in this build"
-    if why is None and args and (op, backend) in _SUPPORTS:
-        why = _SUPPORTS[(op, backend)](*args, **kwargs)
+    if why is None:
+        why = _ensure_loaded(backend)
+    if why is None and args:
+        check = _load_row(op, _row(op, backend))[1]
+        if check is not None:
+            why = check(*args, **kwargs)
     return why
 
 
 def select(op: str, backend: str, device: torch.device, args: tuple = (), kwargs: dict | None = None):
-    """``(backend name, implementation or None for the PyTorch reference)`` for ``op`` on these inputs."""
+    """``(backend name, implementation)`` for ``op`` on these inputs; the ``torch`` implementation is the op's
+    PyTorch reference."""
     kwargs = kwargs or {}
     requested = _requested(backend)
-    if requested == "torch":
-        return "torch", None
     if requested == "auto":
         skipped = []
-        if device.type == "cuda":
-            for b in ("cuda", "triton"):
-                why = _reason(op, b, device, args, kwargs)
-                if why is None:
-                    _log_choice(op, b, device, skipped)
-                    return b, _KERNELS[(op, b)]
-                skipped.append(f"{b}: {why}")
-        _log_choice(op, "torch", device, skipped)
-        return "torch", None
+        for row in DISPATCH_TABLE[op]:
+            if row.name != "torch":
+                if device.type != "cuda":  # the kernels need a CUDA device: nothing to try or report
+                    continue
+                why = _reason(op, row.name, device, args, kwargs)
+                if why is not None:
+                    skipped.append(f"{row.name}: {why}")
+                    continue
+            _log_choice(op, row.name, device, skipped)
+            return row.name, _load_row(op, row)[0]
+        raise RuntimeError(f"fastinf.ops.{op}: no backend can run on {device}: {'; '.join(skipped)}")
     why = _reason(op, requested, device, args, kwargs)
     if why is not None:
         raise RuntimeError(f"fastinf.ops.{op}: backend {requested!r} cannot run on {device}: {why}")
-    return requested, _KERNELS[(op, requested)]
+    return requested, _load_row(op, _row(op, requested))[0]
 
 
 def _log_choice(op: str, backend: str, device: torch.device, skipped: list[str]) -> None:
@@ -169,4 +240,7 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 
 
 def implementation(op: str, backend: str) -> Callable | None:
-    return _KERNELS.get((op, backend))
+    """The function the table names for ``op`` on ``backend`` (its module imported; nothing built, no device
+    check), or None where the table has no such row."""
+    row = _row(op, backend)
+    return None if row is None else _load_row(op, row)[0]

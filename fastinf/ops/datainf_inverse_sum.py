@@ -63,6 +63,4 @@ def datainf_inverse_sum(
     """
     _check(G, T, lam)
     _, fn = select("datainf_inverse_sum", backend, G.device, (G, T, lam), kwargs)
-    if fn is None:
-        return datainf_inverse_sum_reference(G, T, lam, **kwargs)
     return fn(G, T, lam, **kwargs)

@@ -87,6 +87,4 @@ def lora_per_sample_grads(
     """
     _check(x, dy, A, B, mask)
     _, fn = select("lora_per_sample_grads", backend, x.device, (x, dy, A, B, scale, mask))
-    if fn is None:
-        return lora_per_sample_grads_reference(x, dy, A, B, scale, mask, return_sq_norms=return_sq_norms)
     return fn(x, dy, A, B, scale, mask, return_sq_norms=return_sq_norms)

@@ -15,7 +15,14 @@ from ._dispatch import select
 __all__ = ["rrinf_row_updates", "rrinf_row_updates_reference"]
 
 
-def _check(rows: torch.Tensor, targets: torch.Tensor, omega: torch.Tensor, lr: float, reg: float, batch_size: int):
+def _check(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    omega: torch.Tensor,
+    lr: float | torch.Tensor,
+    reg: float,
+    batch_size: int,
+):
     if rows.dim() != 2 or targets.dim() != 2 or omega.dim() != 2:
         raise ValueError(
             "rrinf_row_updates: rows (T, n), targets (T, m) and omega (n, m) must be 2-D, got "
@@ -29,6 +36,7 @@ def _check(rows: torch.Tensor, targets: torch.Tensor, omega: torch.Tensor, lr: f
         )
     if batch_size < 1 or rows.shape[0] % batch_size:
         raise ValueError(f"rrinf_row_updates: T={rows.shape[0]} is not a positive multiple of batch_size={batch_size}")
+    lr = float(lr.max()) if isinstance(lr, torch.Tensor) else float(lr)  # per-step rates: the largest
     if lr <= 0 or reg < 0:
         raise ValueError(f"rrinf_row_updates: need lr > 0 and reg >= 0, got lr={lr}, reg={reg}")
 
@@ -46,8 +54,7 @@ def rrinf_row_updates_reference(
     ``lr`` may be a float or a (T / batch_size,) tensor of per-step learning rates.
     Computes in at least float32.
     """
-    lr_max = float(lr.max()) if isinstance(lr, torch.Tensor) else float(lr)
-    _check(rows, targets, omega, lr_max, reg, batch_size)
+    _check(rows, targets, omega, lr, reg, batch_size)
     dt = torch.promote_types(torch.promote_types(omega.dtype, rows.dtype), torch.float32)
     steps = rows.shape[0] // batch_size
     R = rows.to(dt).reshape(steps, batch_size, -1)  # (S, b, n)
@@ -93,9 +100,6 @@ def rrinf_row_updates(
     ``backend``: ``"auto"`` (CUDA extension > Triton > PyTorch), ``"cuda"``, ``"triton"`` or ``"torch"``.
     The kernels run all steps in one launch; Ω is kept in float32 on chip (float64 runs on the reference).
     """
-    lr_max = float(lr.max()) if isinstance(lr, torch.Tensor) else float(lr)
-    _check(rows, targets, omega, lr_max, reg, batch_size)
+    _check(rows, targets, omega, lr, reg, batch_size)
     _, fn = select("rrinf_row_updates", backend, omega.device, (rows, targets, omega, lr, reg, batch_size))
-    if fn is None:
-        return rrinf_row_updates_reference(rows, targets, omega, lr, reg, batch_size)
     return fn(rows, targets, omega, lr, reg, batch_size)

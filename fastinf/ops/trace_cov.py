@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels._common import check_k, check_traces, check_variances, chunked_topk
 from ._dispatch import select
 
 __all__ = ["trace_cov", "trace_cov_reference", "trace_cov_topk", "trace_cov_topk_reference", "CoMoments"]
@@ -72,27 +73,8 @@ class CoMoments:
         if not normalize:
             return self.sxy.mul(-1.0 / (self.count - 1))
         sx, sy = self.sxx.sqrt(), self.syy.sqrt()
-        _check_variances(sx, sy)
+        check_variances(sx, sy)
         return self.sxy.div(torch.outer(sy, sx)).neg_()
-
-
-def _check_variances(sx: torch.Tensor, sy: torch.Tensor) -> None:
-    """normalize=True: ValueError naming the first train (then query) example whose trace has zero spread."""
-    if bool((sx == 0).any()) or bool((sy == 0).any()):
-        which = "train" if bool((sx == 0).any()) else "query"
-        idx = int(torch.nonzero(sx == 0)[0, 0]) if which == "train" else int(torch.nonzero(sy == 0)[0, 0])
-        raise ValueError(
-            f"normalize=True: the {which} trace of example {idx} has zero variance (correlation undefined)"
-        )
-
-
-def _check(X: torch.Tensor, Y: torch.Tensor) -> None:
-    if X.dim() != 2 or Y.dim() != 2:
-        raise ValueError(f"trace_cov: X (N, n) and Y (N, m) must be 2-D, got {tuple(X.shape)}, {tuple(Y.shape)}")
-    if X.shape[0] != Y.shape[0]:
-        raise ValueError(f"trace_cov: X has {X.shape[0]} draws but Y has {Y.shape[0]}")
-    if X.shape[0] < 2:
-        raise ValueError("trace_cov: need at least 2 draws")
 
 
 def trace_cov_reference(
@@ -100,7 +82,7 @@ def trace_cov_reference(
 ) -> torch.Tensor:
     """PyTorch reference: blocks of ``block`` draws merged pairwise; accumulates in float64 by
     default (``dtype`` overrides, at least float32). Returns (m, n)."""
-    _check(X, Y)
+    check_traces(X, Y)
     acc_dtype = dtype or torch.float64
     acc = CoMoments(X.shape[1], Y.shape[1], dtype=acc_dtype, device=X.device)
     for s in range(0, X.shape[0], block):
@@ -116,16 +98,9 @@ def trace_cov(X: torch.Tensor, Y: torch.Tensor, normalize: bool = False, *, back
     accumulates in float32 and returns float32; float64 inputs (or ``dtype=torch.float64``) run on the
     PyTorch reference, which returns float64 by default.
     """
-    _check(X, Y)
+    check_traces(X, Y)
     _, fn = select("trace_cov", backend, X.device, (X, Y, normalize), kw)
-    if fn is None:
-        return trace_cov_reference(X, Y, normalize, **kw)
     return fn(X, Y, normalize, **kw)
-
-
-def _check_k(k, n: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"trace_cov_topk: k must be an int in [1, n={n}], got {k!r}")
 
 
 def trace_cov_topk_reference(
@@ -146,29 +121,21 @@ def trace_cov_topk_reference(
     time (default: about 2²⁴ scores per chunk, at least k columns) and the chunk top-k's are merged. Each
     column's score depends only on that column, so the values are those of the full reference.
     """
-    _check(X, Y)
+    check_traces(X, Y)
     n, m = X.shape[1], Y.shape[1]
-    _check_k(k, n)
+    check_k(k, n)
     if normalize:  # the full reference's zero-variance error, whichever chunk holds the column
         accx = CoMoments(n, 0, dtype=dtype or torch.float64, device=X.device)
         accy = CoMoments(0, m, dtype=dtype or torch.float64, device=X.device)
         for s in range(0, X.shape[0], block):
             accx.update(X[s : s + block], X[s : s + block, :0])
             accy.update(Y[s : s + block, :0], Y[s : s + block])
-        _check_variances(accx.sxx.sqrt(), accy.syy.sqrt())
-    step = max(1, int(chunk_size)) if chunk_size is not None else max(k, (1 << 24) // max(m, 1))
-    vals = idx = None
-    for s in range(0, n, step):
-        e = min(s + step, n)
-        sc = trace_cov_reference(X[:, s:e], Y, normalize, block=block, dtype=dtype)
-        v, i = torch.topk(sc, min(k, e - s), dim=1, largest=largest)
-        i = i + s
-        if vals is None:
-            vals, idx = v, i
-        else:
-            vals, sel = torch.topk(torch.cat([vals, v], 1), min(k, vals.shape[1] + v.shape[1]), 1, largest=largest)
-            idx = torch.gather(torch.cat([idx, i], 1), 1, sel)
-    return vals, idx
+        check_variances(accx.sxx.sqrt(), accy.syy.sqrt())
+
+    def scores(start: int, stop: int) -> torch.Tensor:
+        return trace_cov_reference(X[:, start:stop], Y, normalize, block=block, dtype=dtype)
+
+    return chunked_topk(n, m, k, scores, largest=largest, chunk_size=chunk_size)
 
 
 def trace_cov_topk(
@@ -186,10 +153,8 @@ def trace_cov_topk(
     The Triton kernel keeps a running top-k per query (k ≤ 64; larger k runs the full kernel over column
     chunks) and never writes the (m, n) matrix; its values are float32. Backends as for :func:`trace_cov`.
     """
-    _check(X, Y)
-    _check_k(k, X.shape[1])
+    check_traces(X, Y)
+    check_k(k, X.shape[1])
     kw = {"normalize": normalize, "largest": largest, **kw}
     _, fn = select("trace_cov_topk", backend, X.device, (X, Y, k), kw)
-    if fn is None:
-        return trace_cov_topk_reference(X, Y, k, **kw)
     return fn(X, Y, k, **kw)

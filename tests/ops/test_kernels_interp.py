@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -184,49 +185,112 @@ def test_rrinf_row_updates_triton_bad_lr_length():
 
 
 # ------------------------------------------------------------------------------------------ dispatch
+def test_dispatch_table_shape():
+    """Every public op has a row per backend at most, backends from BACKENDS, its PyTorch reference as the
+    ``torch`` row, and rows that name modules inside the ops' own layer (kernels, _ext or the op's module)."""
+    assert set(_dispatch.DISPATCH_TABLE) == {
+        "lora_per_sample_grads",
+        "datainf_inverse_sum",
+        "rrinf_row_updates",
+        "trace_cov",
+        "trace_cov_topk",
+    }
+    for op, rows in _dispatch.DISPATCH_TABLE.items():
+        names = [r.name for r in rows]
+        assert len(names) == len(set(names)) and set(names) <= set(_dispatch.BACKENDS), (op, names)
+        assert _dispatch.implementation(op, "torch") is getattr(ops, f"{op}_reference")
+        for r in rows:
+            assert r.module.startswith(("fastinf.kernels.", "fastinf._ext.", f"fastinf.ops.{op.removesuffix('_topk')}"))
+            assert r.supports is None or r.supports.count(":") == 1, r
+
+
 @interp
 @pytest.mark.interp
-def test_register_all_registers_every_op():
-    from fastinf import kernels
+def test_dispatch_table_resolves_every_triton_row():
+    """Each Triton row's module, function and check exist (the CUDA rows are checked without building)."""
+    from fastinf._ext import ops as ext_ops
 
-    kernels.register_all()
-    for op in kernels.OPS:
-        assert _dispatch.implementation(op, "triton") is not None
+    for op, rows in _dispatch.DISPATCH_TABLE.items():
+        for r in rows:
+            fn = _dispatch.implementation(op, r.name)
+            assert callable(fn) and fn.__name__ == r.function, (op, r)
+            if r.name == "cuda":
+                assert fn is getattr(ext_ops, r.function)
+            if r.supports is not None:
+                assert callable(_dispatch._attr(r.supports)), r
 
 
 @pytest.fixture
 def fake_backends(monkeypatch):
-    """A fake op whose cuda and triton kernels 'can run' on a (fake) CUDA device."""
+    """A fake op whose cuda and triton kernels 'can run' on a (fake) CUDA device, loaded through the table."""
     calls = []
+    fake = types.ModuleType("fastinf_fake_kernels")
+    fake.cuda_fn = lambda x: calls.append("cuda")
+    fake.triton_fn = lambda x: calls.append("triton")
+    fake.torch_fn = lambda x: calls.append("torch")
+    fake.no_f64 = lambda x: "float64 runs on the reference" if x.dtype == torch.float64 else None
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    table = {
+        "fake_op": (
+            _dispatch.Backend("cuda", fake.__name__, "cuda_fn", f"{fake.__name__}:no_f64"),
+            _dispatch.Backend("triton", fake.__name__, "triton_fn"),
+            _dispatch.Backend("torch", fake.__name__, "torch_fn"),
+        )
+    }
+    monkeypatch.setattr(_dispatch, "DISPATCH_TABLE", table)
+    monkeypatch.setattr(_dispatch, "BACKEND_SETUP", {})
     monkeypatch.setattr(_dispatch, "_why_unavailable", lambda b, device=None: None)
-    monkeypatch.setattr(_dispatch, "_ensure_loaded", lambda b: None)
-    monkeypatch.setattr(_dispatch, "_KERNELS", dict(_dispatch._KERNELS))
-    monkeypatch.setattr(_dispatch, "_SUPPORTS", dict(_dispatch._SUPPORTS))
+    monkeypatch.setattr(_dispatch, "_IMPLS", {})
+    monkeypatch.setattr(_dispatch, "_LOADED", set())
+    monkeypatch.setattr(_dispatch, "_LOAD_ERRORS", {})
     monkeypatch.setattr(_dispatch, "_LOGGED", set())
     monkeypatch.delenv("FASTINF_BACKEND", raising=False)
-
-    def no_f64(x):
-        return "float64 runs on the reference" if x.dtype == torch.float64 else None
-
-    _dispatch.register("fake_op", "cuda", lambda x: calls.append("cuda"), no_f64)
-    _dispatch.register("fake_op", "triton", lambda x: calls.append("triton"))
-    return calls
+    return fake
 
 
 def test_auto_prefers_cuda_then_triton_then_torch(fake_backends, caplog):
     dev = torch.device("cuda", 0)  # a device object only: nothing runs on it
     x32, x64 = torch.ones(1), torch.ones(1, dtype=torch.float64)
     with caplog.at_level(logging.INFO, logger="fastinf.ops"):
-        assert _dispatch.select("fake_op", "auto", dev, (x32,))[0] == "cuda"
+        assert _dispatch.select("fake_op", "auto", dev, (x32,)) == ("cuda", fake_backends.cuda_fn)
         assert _dispatch.select("fake_op", "auto", dev, (x32,))[0] == "cuda"
         assert _dispatch.select("fake_op", "auto", dev, (x64,))[0] == "triton"  # cuda declines float64
-        assert _dispatch.select("fake_op", "auto", torch.device("cpu"), (x32,)) == ("torch", None)
+        assert _dispatch.select("fake_op", "auto", torch.device("cpu"), (x32,)) == ("torch", fake_backends.torch_fn)
     msgs = [r.getMessage() for r in caplog.records if "fake_op" in r.getMessage()]
     assert len(msgs) == 3  # once per (op, backend, device type)
     assert "skipped cuda: float64 runs on the reference" in msgs[1]
+    assert "skipped" not in msgs[2]  # on CPU the kernels are not tried
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cuda:0: float64 runs on the reference"):
         _dispatch.select("fake_op", "cuda", dev, (x64,))
     assert _dispatch.select("fake_op", "triton", dev, (x64,))[0] == "triton"
+
+
+def test_table_order_is_the_auto_order(fake_backends, monkeypatch):
+    """auto follows the table's order, whatever it is (a measured order may put torch first)."""
+    dev = torch.device("cuda", 0)
+    rows = _dispatch.DISPATCH_TABLE["fake_op"]
+    monkeypatch.setitem(_dispatch.DISPATCH_TABLE, "fake_op", (rows[1], rows[0], rows[2]))
+    assert _dispatch.select("fake_op", "auto", dev, (torch.ones(1),))[0] == "triton"
+    monkeypatch.setitem(_dispatch.DISPATCH_TABLE, "fake_op", (rows[2], rows[0]))
+    assert _dispatch.select("fake_op", "auto", dev, (torch.ones(1),))[0] == "torch"
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cuda:0: no triton kernel for fake_op"):
+        _dispatch.select("fake_op", "triton", dev, (torch.ones(1),))
+
+
+def test_load_failure_is_the_backends_reason(fake_backends, monkeypatch, caplog):
+    """A backend whose setup (e.g. the CUDA build) fails is skipped by auto and named by an explicit request."""
+
+    def failing_build():
+        raise OSError("nvcc exploded")
+
+    fake_backends.failing_build = failing_build
+    monkeypatch.setattr(_dispatch, "BACKEND_SETUP", {"cuda": f"{fake_backends.__name__}:failing_build"})
+    dev = torch.device("cuda", 0)
+    with caplog.at_level(logging.WARNING, logger="fastinf.ops"):
+        assert _dispatch.select("fake_op", "auto", dev, (torch.ones(1),))[0] == "triton"
+    assert "nvcc exploded" in caplog.text
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cuda:0: .*OSError: nvcc exploded"):
+        _dispatch.select("fake_op", "cuda", dev, (torch.ones(1),))
 
 
 def test_env_override(fake_backends, monkeypatch):
@@ -235,7 +299,7 @@ def test_env_override(fake_backends, monkeypatch):
     assert _dispatch.select("fake_op", "auto", dev, (torch.ones(1),))[0] == "triton"
     assert _dispatch.select("fake_op", "cuda", dev, (torch.ones(1),))[0] == "cuda"  # explicit beats env
     monkeypatch.setenv("FASTINF_BACKEND", "torch")
-    assert _dispatch.select("fake_op", "auto", dev, (torch.ones(1),)) == ("torch", None)
+    assert _dispatch.select("fake_op", "auto", dev, (torch.ones(1),))[0] == "torch"
     monkeypatch.setenv("FASTINF_BACKEND", "fastest")
     with pytest.raises(ValueError, match="FASTINF_BACKEND"):
         _dispatch.select("fake_op", "auto", dev, (torch.ones(1),))

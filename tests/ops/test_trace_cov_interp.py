@@ -225,11 +225,9 @@ def test_trace_cov_dispatch_cpu():
 @pytest.mark.interp
 def test_trace_cov_auto_on_cuda_skips_float64(monkeypatch):
     """With a (fake) usable CUDA device, auto takes the Triton kernel for 16/32-bit inputs and the reference for
-    float64 inputs or a float64 accumulation; the registered kernels are this module's."""
-    from fastinf import kernels
+    float64 inputs or a float64 accumulation; the dispatch table's kernels are this module's."""
     from fastinf.kernels import trace_cov as tk
 
-    kernels.register_all()
     assert _dispatch.implementation("trace_cov", "triton") is tk.trace_cov_triton
     assert _dispatch.implementation("trace_cov_topk", "triton") is tk.trace_cov_topk_triton
     monkeypatch.setattr(_dispatch, "_why_unavailable", lambda b, device=None: None)
