@@ -1,20 +1,51 @@
-"""Evaluation: metrics of METHODS.md §9 and small ready-made tasks.
+"""Evaluation: metrics (METHODS.md §9), the papers' experiments on any data, and reports.
 
-``mislabel_auc``, ``detection_curve``, ``class_detection`` and ``agreement`` score influence
-estimates; ``mislabel_task`` builds a synthetic end-to-end task (a LoRA-adapted model trained on
-noisy labels, with per-example gradients) that runs on a CPU in about a second.
+* metrics: ``mislabel_auc``, ``detection_curve``, ``class_detection``, ``agreement``, ``roc_auc``;
+* experiments (:mod:`fastinf.eval.experiments`): ``mislabel_experiment``,
+  ``class_detection_experiment``, ``diffusion_class_detection_experiment``, the synthetic
+  ``synthetic_mislabel_experiment`` / ``mislabel_task``, and ``run_task`` for the named tasks;
+* :mod:`fastinf.eval.runner` (per-method runners), :mod:`fastinf.eval.report` (report writer and
+  plots), :mod:`fastinf.eval.hf` (Hugging Face set-up), :mod:`fastinf.eval.jobs` (what the CLI runs).
+
+Importing this package imports neither transformers nor diffusers.
 """
 
+from .experiments import (
+    TASKS,
+    ClassDetectionSettings,
+    DiffusionSettings,
+    ExperimentResult,
+    MislabelSettings,
+    class_detection_experiment,
+    diffusion_class_detection_experiment,
+    failed_methods,
+    mislabel_demo,
+    mislabel_experiment,
+    run_task,
+    synthetic_mislabel_experiment,
+)
 from .metrics import agreement, class_detection, detection_curve, mislabel_auc, rank_average, roc_auc
 from .synthetic import SyntheticTask, mislabel_task
 
 __all__ = [
+    "TASKS",
+    "ClassDetectionSettings",
+    "DiffusionSettings",
+    "ExperimentResult",
+    "MislabelSettings",
     "SyntheticTask",
     "agreement",
     "class_detection",
+    "class_detection_experiment",
     "detection_curve",
+    "diffusion_class_detection_experiment",
+    "failed_methods",
     "mislabel_auc",
+    "mislabel_demo",
+    "mislabel_experiment",
     "mislabel_task",
     "rank_average",
     "roc_auc",
+    "run_task",
+    "synthetic_mislabel_experiment",
 ]

@@ -2,67 +2,52 @@
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["fmt", "markdown_table", "plot_auc_vs_damping", "plot_detection_curves", "plot_time_vs_auc", "write_json"]
+from ..utils import atomic_write, fmt, markdown_table, write_json
+
+__all__ = [
+    "damping_section",
+    "plot_auc_vs_damping",
+    "plot_detection_curves",
+    "plot_time_vs_auc",
+    "section",
+    "write_report",
+]
 
 
-def fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    if isinstance(x, float):
-        if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
-            return f"{x:.{digits - 1}e}"
-        return f"{x:.{digits}f}"
-    return str(x)
+def section(title: str | None, headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Markdown lines of a titled table (``## title``, blank line, table, blank line)."""
+    head = [f"## {title}", ""] if title else []
+    return [*head, markdown_table(headers, rows), ""]
 
 
-def pm(mean: float | None, std: float | None, digits: int = 3) -> str:
-    if mean is None:
-        return "—"
-    return fmt(mean, digits) if not std else f"{fmt(mean, digits)} ± {fmt(std, digits)}"
+def damping_section(sweep: Mapping[str, Mapping[float, float]]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of a damping sweep ``{method: {multiplier: value}}``."""
+    mults = sorted(next(iter(sweep.values())))
+    return ["method", *[f"×{m:g}" for m in mults]], [[k, *[fmt(v[m]) for m in mults]] for k, v in sweep.items()]
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cols = [list(map(str, c)) for c in zip(headers, *rows, strict=False)]
-    w = [max(len(x) for x in c) for c in cols]
-    out = ["  ".join(h.ljust(w[i]) for i, h in enumerate(headers)), "  ".join("-" * x for x in w)]
-    out += ["  ".join(str(c).ljust(w[i]) if i == 0 else str(c).rjust(w[i]) for i, c in enumerate(r)) for r in rows]
-    return "\n".join(out)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=1))
-    os.replace(tmp, path)
+def write_report(
+    out: str | Path,
+    *,
+    markdown: Sequence[str],
+    results: Mapping[str, Any],
+    scores: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``report.md`` (the lines of ``markdown``), ``results.json`` and, when given, ``scores.json``
+    into ``out`` (created if needed), each atomically. Returns ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    if scores is not None:
+        write_json(out / "scores.json", scores)
+    atomic_write(out / "report.md", "\n".join(markdown).rstrip("\n") + "\n")
+    return out
 
 
 def _plt():

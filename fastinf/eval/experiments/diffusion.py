@@ -7,19 +7,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from .runner import GRADIENT_METHODS
-from .tasks import ExperimentResult, _timed_pair, _write_cd_report, cd_damping_sweep, cd_gradient_methods, cd_z0inf
+from ...gradients import LoRAGradientCollector
+from ...integrations.diffusers import DenoisingLoss
+from ...utils import timed
+from ..runner import split_methods
+from .class_detection import class_damping_sweep, finish_report, score_class_detection, z0inf_record
+from .common import ExperimentResult, prepare_report_dir, settings_dict
 
 __all__ = ["DiffusionSettings", "diffusion_class_detection_experiment"]
 
 
 @dataclass
 class DiffusionSettings:
+    """Sizes and hyper-parameters of a diffusion class-detection run (what the report states)."""
+
     base_epochs: int = 30
     lora_epochs: int = 10
     batch_size: int = 64
@@ -28,6 +33,8 @@ class DiffusionSettings:
     lora_r: int = 4
     timesteps: tuple[int, ...] = (100, 350, 600, 850)  # the fixed grid every train/test image is scored at
     checkpoints: int = 6
+    damping: float | str = "auto"
+    lissa_depth: int = 100
     rrinf_seeds: tuple[int, ...] = (0, 1, 2)
     damping_multipliers: tuple[float, ...] = (1, 10, 100, 1e3, 1e4, 1e5, 1e6)
     sweeps: bool = True
@@ -87,23 +94,29 @@ def diffusion_class_detection_experiment(
     ``n_train`` other images, and measure class detection on ``n_test`` held-out images: for each
     test image, the training images of its label should get the most negative influence.
 
-    Gradients use ``fastinf.integrations.diffusers.DenoisingLoss`` with fixed, seeded timesteps and
-    noise (``settings.timesteps_per_example`` per image; different salts for train and test).
+    Gradients use ``fastinf.integrations.diffusers.DenoisingLoss`` on the fixed timestep grid
+    ``settings.timesteps``, shared by every train and test image, with noise seeded per image (test
+    ids are offset so that no test image shares a train image's noise). Methods: every gradient method
+    and Z0-Inf by default (the BIF is not offered here). Returns the class-detection records of
+    :func:`fastinf.eval.class_detection_experiment`.
+
+    Raises:
+        ValueError: bad image/label shapes, too few images, unknown or unsupported methods.
     """
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    import fastinf
-
-    from ..integrations.diffusers import DenoisingLoss
-
     s = settings or DiffusionSettings()
-    methods = list(methods) if methods is not None else [*GRADIENT_METHODS, "z0inf"]
+    default = [*split_methods(None)[0], "z0inf"]
+    grad_methods, trace_methods = split_methods(methods if methods is not None else default)
+    if "bif" in trace_methods:
+        raise ValueError("the diffusion experiment does not run the BIF (no SGLD sampler for diffusers models yet)")
     x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if x.dim() != 4 or x.shape[0] != y.shape[0]:
         raise ValueError(f"images must be (N, C, H, W) with one label each; got {tuple(x.shape)} and {tuple(y.shape)}")
     if n_base + n_train + n_test > x.shape[0]:
         raise ValueError(f"n_base + n_train + n_test = {n_base + n_train + n_test} exceeds {x.shape[0]} images")
+    out_dir = prepare_report_dir(report_dir)
     say = log or (lambda _m: None)
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     b_idx, tr_idx, te_idx = perm[:n_base], perm[n_base : n_base + n_train], perm[n_base + n_train :][:n_test]
@@ -146,17 +159,16 @@ def diffusion_class_detection_experiment(
     te_loader = loader(te_idx, torch.arange(len(te_idx)) + 10**6)  # test ids never coincide with train ids
     cap_loss = DenoisingLoss(timesteps=s.timesteps, seed=seed, salt="influence")
     say(f"capturing per-example gradients at timesteps {list(s.timesteps)} (noise seeded per image)")
-    col = fastinf.LoRAGradientCollector(unet, loss_fn=cap_loss)
-    (gtr, gte), grad_sec, _ = _timed_pair(
+    col = LoRAGradientCollector(unet, loss_fn=cap_loss)
+    (gtr, gte), grad_sec, _ = timed(
         lambda: (col.collect(tr_loader, progress=progress), col.collect(te_loader, progress=progress))
     )
     ytr, yte = y[tr_idx].numpy(), y[te_idx].numpy()
-    out, exact = cd_gradient_methods(gtr, gte, methods, ytr, yte, s.rrinf_seeds, progress)
-    if "z0inf" in methods:
-        out["z0inf"] = cd_z0inf(unet, checkpoints, tr_loader, te_loader, ytr, yte, exact, progress, loss_fn=cap_loss)
-    sweeps: dict[str, Any] = {}
-    if s.sweeps:
-        sweeps["damping"] = cd_damping_sweep(gtr, gte, ytr, yte, s.damping_multipliers)
+    out, exact = score_class_detection(gtr, gte, grad_methods, ytr, yte, s, progress)
+    if "z0inf" in trace_methods:
+        say(f"Z0-Inf: losses at {len(checkpoints)} checkpoints")
+        out["z0inf"] = z0inf_record(unet, checkpoints, tr_loader, te_loader, ytr, yte, exact, progress, cap_loss)
+    out.sweeps = class_damping_sweep(gtr, gte, ytr, yte, s, grad_methods, progress)
     out.meta = {
         "task": "diffusion class detection",
         "dataset": "digits",
@@ -166,7 +178,7 @@ def diffusion_class_detection_experiment(
         "n_test": n_test,
         "classes": ncls,
         "grad_field": "denoising loss",
-        "settings": dict(vars(s)),
+        "settings": settings_dict(s),
         "D": gtr.dim,
         "blocks": len(gtr.names),
         "base_seconds": base_sec,
@@ -176,9 +188,4 @@ def diffusion_class_detection_experiment(
         "total_seconds": time.perf_counter() - t_start,
         "seed": seed,
     }
-    out.meta["settings"]["lora_r"] = s.lora_r
-    out.sweeps, out.report_dir = sweeps, None
-    if report_dir is not None:
-        out.report_dir = Path(report_dir)
-        _write_cd_report(out, Path(report_dir))
-    return out
+    return finish_report(out, out_dir)

@@ -1,0 +1,563 @@
+"""Mislabelled-data detection (Task 1 of the DataInf / RRInf papers; METHODS.md §9).
+
+* :func:`mislabel_experiment`: LoRA-fine-tune a text classifier on binary labels with a share flipped,
+  rank the training examples by every method's influence on the mean test loss (positive = harmful)
+  and report the AUC of finding the flipped ones, agreement with ``exact``, time and memory; Z0-Inf
+  from the Trainer's checkpoints and the BIF from SGLD traces.
+* :func:`synthetic_mislabel_experiment`: the same scoring and report on the seconds-long synthetic
+  task (:func:`fastinf.eval.mislabel_task`), gradient methods only.
+* :func:`mislabel_demo`: ``fastinf demo`` (and ``fastinf eval mislabel``): one of the two with the
+  demo's sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...gradients import LoRAGradientCollector
+from ...utils import pm, text_table, timed
+from .. import hf
+from ..metrics import agreement, detection_curve, mislabel_auc
+from ..report import (
+    damping_section,
+    plot_auc_vs_damping,
+    plot_detection_curves,
+    plot_time_vs_auc,
+    section,
+    write_report,
+)
+from ..runner import (
+    MethodRun,
+    damping_sweep,
+    mean_std,
+    rrinf_iteration_sweep,
+    run_bif,
+    run_gradient_methods,
+    run_z0inf,
+    scores_for_report,
+    split_methods,
+)
+from ..synthetic import mislabel_task
+from .common import ExperimentResult, prepare_report_dir, settings_dict
+
+__all__ = ["MislabelSettings", "mislabel_demo", "mislabel_experiment", "synthetic_mislabel_experiment"]
+
+_LABELS = {"z0inf_self": "z0inf (self-influence)"}
+TRACE_SKIP = "skipped (needs loss traces)"
+
+
+@dataclass
+class MislabelSettings:
+    """Sizes and hyper-parameters of a mislabel run (what the report states)."""
+
+    n_train: int = 600
+    n_test: int = 150
+    flip: float = 0.2
+    epochs: int = 4
+    batch_size: int = 16
+    max_length: int = 48
+    lora_r: int = 8
+    lr_lora: float = 2e-3
+    lr_head: float = 2e-2
+    checkpoints_per_epoch: int = 2
+    damping: float | str = "auto"  # the gradient methods' λ: 'auto' (METHODS.md §0) or an absolute value
+    lissa_depth: int = 100
+    rrinf_seeds: tuple[int, ...] = (0, 1, 2)
+    bif_chains: int = 2
+    bif_draws: int = 12
+    bif_burnin: int = 60
+    bif_thin: int = 10
+    bif_step_size: float = 1e-4
+    bif_localization: float = 1e3
+    bif_n_beta: float | None = None  # None: n_train (β = 1)
+    damping_multipliers: tuple[float, ...] = (1, 10, 100, 1e3, 1e4, 1e5, 1e6)
+    rrinf_iterations: tuple[int, ...] = (1000, 10_000, 100_000)
+    sweeps: bool = True
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> MislabelSettings:
+        """The CI-sized run of ``fastinf demo --quick``."""
+        base = dict(
+            n_train=160,
+            n_test=40,
+            epochs=3,
+            bif_chains=2,
+            bif_draws=6,
+            bif_burnin=10,
+            bif_thin=2,
+            damping_multipliers=(1, 100, 1e4),
+            rrinf_iterations=(1000, 10_000),
+        )
+        return cls(**{**base, **overrides})
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_test", "epochs", "batch_size", "lora_r", "lissa_depth"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"MislabelSettings.{name} must be a positive int, got {v!r}")
+        if not 0 < self.flip < 1:
+            raise ValueError(f"MislabelSettings.flip must be in (0, 1), got {self.flip}")
+        if not self.rrinf_seeds:
+            raise ValueError("MislabelSettings.rrinf_seeds must name at least one seed")
+        self.rrinf_seeds = tuple(int(s) for s in self.rrinf_seeds)
+
+
+# ------------------------------------------------------------------------------------ records
+def _record(run: MethodRun, flipped: np.ndarray, exact: torch.Tensor | None) -> dict[str, Any]:
+    if run.error or not run.scores:
+        return {"auc": None, "error": run.error or "no scores"}
+    aucs = [mislabel_auc(sc, flipped) for sc in run.scores]
+    rec: dict[str, Any] = {
+        "aucs": aucs,
+        "auc": float(np.mean(aucs)),
+        "seconds": float(np.mean(run.seconds)),
+        "peak_mb": run.peak_mb,
+        **run.info,
+    }
+    if exact is not None:
+        ag = [agreement(sc, exact) for sc in run.scores]
+        rec["pearson"] = float(np.mean([a["pearson"] for a in ag]))
+        rec["spearman"] = float(np.mean([a["spearman"] for a in ag]))
+    return rec
+
+
+def _aggregate(per_seed: list[dict], rows: list[str]) -> ExperimentResult:
+    """One record per method over the data seeds (AUC mean ± std over every data seed × method seed)."""
+    out = ExperimentResult()
+    for m in rows:
+        recs = [p["methods"][m] for p in per_seed if m in p["methods"]]
+        skipped = next((r["skipped"] for r in recs if r.get("skipped")), None)
+        ok = [r for r in recs if r.get("auc") is not None]
+        if not ok:
+            err = next((r.get("error") for r in recs if r.get("error")), None if skipped else "not run")
+            out[m] = {"auc": None, "auc_std": None, "seconds": None, "corr_with_exact": None}
+            out[m].update({"skipped": skipped} if skipped else {"error": err})
+            continue
+        aucs = [a for r in ok for a in r["aucs"]]
+        out[m] = {
+            "auc": float(np.mean(aucs)),
+            "auc_std": float(np.std(aucs)) if len(aucs) > 1 else 0.0,
+            "aucs": aucs,
+            "seconds": float(np.mean([r["seconds"] for r in ok])),
+            "peak_mb": float(np.max([r.get("peak_mb", 0.0) for r in ok])),
+            "corr_with_exact": mean_std([r.get("pearson") for r in ok])[0],
+            "spearman_with_exact": mean_std([r.get("spearman") for r in ok])[0],
+            **{k: v for k, v in ok[0].items() if k in ("lambda", "converged", "note", "diagnostics", "seeds")},
+        }
+    return out
+
+
+def _score_gradients(gtr, gte, flipped, s: MislabelSettings, methods, progress, say) -> dict[str, Any]:
+    """Every gradient method and the sweeps on one seed's gradients: records, scores, sweeps."""
+    runs = run_gradient_methods(
+        gtr,
+        gte,
+        methods,
+        reduce="mean",
+        seeds=s.rrinf_seeds,
+        damping=s.damping,
+        lissa_depth=s.lissa_depth,
+        progress=progress,
+    )
+    exact = runs["exact"].scores[0] if "exact" in runs and runs["exact"].scores else None
+    sweeps: dict[str, Any] = {}
+    if s.sweeps:
+        say("damping and iteration sweeps (METHODS.md §9)")
+
+        def metric(sc):
+            return mislabel_auc(sc, flipped)
+
+        swept = [m for m in ("exact", "datainf") if m in methods]
+        if swept:
+            sweeps["damping"] = damping_sweep(gtr, gte, s.damping_multipliers, metric, methods=swept, progress=progress)
+        if "rrinf" in methods or "rrinf_fixed_point" in methods:
+            sweeps.update(rrinf_iteration_sweep(gtr, gte, s.rrinf_iterations, s.rrinf_seeds, metric, progress=progress))
+    return {
+        "methods": {n: _record(r, flipped, exact) for n, r in runs.items()},
+        "scores": scores_for_report(runs),
+        "exact": exact,
+        "sweeps": sweeps,
+    }
+
+
+# ------------------------------------------------------------------------------------ the experiment
+def mislabel_experiment(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    *,
+    model: str | Callable = "minilm",
+    n_train: int | None = None,
+    n_test: int | None = None,
+    flip: float | None = None,
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+    epochs: int | None = None,
+    report_dir: str | Path | None = None,
+    settings: MislabelSettings | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> ExperimentResult:
+    """Mislabelled-data detection (Task 1 of the DataInf / RRInf papers) on any binary text data.
+
+    Splits ``texts``/``labels`` (seeded) into ``n_train`` training and ``n_test`` test examples,
+    flips the labels of a random ``flip`` share of the training examples, LoRA-fine-tunes ``model``
+    (``"minilm"``: the bundled MiniLM encoder with a classification head; or a callable returning
+    ``(tokenizer, model)``), captures per-example gradients and ranks training examples by each
+    method's influence on the mean test loss (positive = harmful). ``n_train``, ``n_test``, ``flip``
+    and ``epochs`` override ``settings`` (which is not modified).
+
+    Returns ``{method: {"auc", "auc_std", "seconds", "corr_with_exact", ...}}`` (mean ± std over
+    ``seeds``; a stochastic method additionally over ``settings.rrinf_seeds``), plus ``.meta``,
+    ``.sweeps`` and ``.summary()``; with ``report_dir``: report.md, results.json, scores.json and plots.
+
+    Raises:
+        ValueError: unknown methods, non-binary labels, too few examples, bad sizes.
+    """
+    overrides = {
+        k: v for k, v in dict(n_train=n_train, n_test=n_test, flip=flip, epochs=epochs).items() if v is not None
+    }
+    s = dataclasses.replace(settings or MislabelSettings(), **overrides)
+    grad_methods, trace_methods = split_methods(methods)
+    labels_arr = np.asarray(labels)
+    if len(texts) != len(labels_arr):
+        raise ValueError(f"{len(texts)} texts but {len(labels_arr)} labels")
+    if set(np.unique(labels_arr).tolist()) - {0, 1}:
+        raise ValueError("mislabel_experiment needs binary labels 0/1")
+    if s.n_train + s.n_test > len(texts):
+        raise ValueError(f"n_train + n_test = {s.n_train + s.n_test} exceeds the {len(texts)} examples given")
+    if round(s.flip * s.n_train) < 1:
+        raise ValueError(f"n_train = {s.n_train} is too small: {s.flip:.0%} of it must be at least one example")
+    if not seeds:
+        raise ValueError("seeds must name at least one data seed")
+    out = prepare_report_dir(report_dir)
+    say = log or (lambda _msg: None)
+    per_seed = [
+        _one_seed(list(texts), labels_arr, s, grad_methods, trace_methods, seed, model, progress, say) for seed in seeds
+    ]
+    rows = [*grad_methods, *trace_methods] + (["z0inf_self"] if "z0inf" in trace_methods else [])
+    result = _aggregate(per_seed, rows)
+    result.meta = {**per_seed[0]["meta"], "seeds": list(seeds)}
+    result.sweeps = per_seed[0]["sweeps"]
+    return _finish(result, per_seed[0], out)
+
+
+def _one_seed(texts, labels, s: MislabelSettings, grad_methods, trace_methods, seed, model, progress, say) -> dict:
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(texts))
+    tr_idx, te_idx = perm[: s.n_train], perm[s.n_train : s.n_train + s.n_test]
+    y_tr = labels[tr_idx].copy()
+    n_flip = int(round(s.flip * s.n_train))
+    flipped = np.zeros(s.n_train, dtype=bool)
+    flipped[rng.choice(s.n_train, n_flip, replace=False)] = True
+    y_tr[flipped] = 1 - y_tr[flipped]
+    y_te = labels[te_idx]
+    torch.manual_seed(seed)
+    tok, net = hf.text_classifier(model, 2, s.lora_r)
+
+    def enc(idx):
+        return tok([texts[i] for i in idx], truncation=True, max_length=s.max_length)
+
+    train_ds, test_ds = hf.TextDataset(enc(tr_idx), y_tr), hf.TextDataset(enc(te_idx), y_te)
+    meta: dict[str, Any] = {
+        "task": "mislabelled-data detection",
+        "n_train": s.n_train,
+        "n_test": s.n_test,
+        "flipped": n_flip,
+        "seed": seed,
+        "settings": settings_dict(s),
+        "model": hf.model_name(net, model),
+        "training": f"LoRA r={s.lora_r} (query, value) and a trained classification head; {s.epochs} epochs",
+    }
+    say(f"[seed {seed}] training: {s.n_train} examples ({n_flip} flipped), {s.epochs} epochs, LoRA r={s.lora_r}")
+    with tempfile.TemporaryDirectory(prefix="fastinf-exp-") as work:
+        t0 = time.perf_counter()
+        checkpoints = hf.train_classifier(
+            net,
+            train_ds,
+            tok,
+            batch_size=s.batch_size,
+            epochs=s.epochs,
+            lr_lora=s.lr_lora,
+            lr_head=s.lr_head,
+            checkpoints_per_epoch=s.checkpoints_per_epoch,
+            seed=seed,
+            ck_dir=Path(work) / "checkpoints",
+            progress=progress,
+        )
+        meta["train_seconds"] = time.perf_counter() - t0
+        test_loader = hf.text_loader(test_ds, tok, s.batch_size)
+        train_eval = hf.text_loader(hf.TextDataset(train_ds.enc, labels[tr_idx]), tok, s.batch_size)
+        meta["test_accuracy"] = hf.accuracy(net, test_loader)
+        meta["train_accuracy_true_labels"] = hf.accuracy(net, train_eval)
+        say(f"[seed {seed}] test accuracy {meta['test_accuracy']:.3f}; capturing per-example gradients")
+        train_loader = hf.text_loader(train_ds, tok, s.batch_size)
+        col = LoRAGradientCollector(net, include_modules_to_save=True)
+        (gtr, gte), sec, _ = timed(
+            lambda: (col.collect(train_loader, progress=progress), col.collect(test_loader, progress=progress))
+        )
+        meta.update(grad_seconds=sec, D=gtr.dim, blocks=len(gtr.names))
+        part = _score_gradients(gtr, gte, flipped, s, grad_methods, progress, say)
+        res, scores, exact = part["methods"], part["scores"], part["exact"]
+        if "z0inf" in trace_methods:
+            say(f"[seed {seed}] Z0-Inf: losses at {len(checkpoints)} checkpoints")
+            z, z_self = run_z0inf(
+                net, checkpoints, train_loader, test_loader, reduce="mean", self_influence=True, progress=progress
+            )
+            res["z0inf"], res["z0inf_self"] = _record(z, flipped, exact), _record(z_self, flipped, exact)
+            scores.update(scores_for_report({"z0inf": z}))
+            meta["checkpoints"] = len(checkpoints)
+        if "bif" in trace_methods:
+            say(f"[seed {seed}] BIF: {s.bif_chains} SGLD chains × {s.bif_draws} draws")
+            b = run_bif(
+                net,
+                hf.text_loader(train_ds, tok, s.batch_size, shuffle=True, seed=seed),
+                train_loader,
+                test_loader,
+                reduce="mean",
+                n_beta=s.bif_n_beta or float(s.n_train),
+                localization=s.bif_localization,
+                step_size=s.bif_step_size,
+                chains=s.bif_chains,
+                draws=s.bif_draws,
+                burnin=s.bif_burnin,
+                thin=s.bif_thin,
+                seed=seed,
+                progress=progress,
+            )
+            res["bif"] = _record(b, flipped, exact)
+            scores.update(scores_for_report({"bif": b}))
+    meta["total_seconds"] = time.perf_counter() - t_start
+    return {"methods": res, "meta": meta, "sweeps": part["sweeps"], "scores": scores, "flipped": flipped}
+
+
+def synthetic_mislabel_experiment(
+    *,
+    n_train: int = 1000,
+    n_test: int = 200,
+    seed: int = 0,
+    methods: Sequence[str] | None = None,
+    settings: MislabelSettings | None = None,
+    report_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> ExperimentResult:
+    """The mislabel scoring and report on the synthetic task (a tiny LoRA MLP on a Gaussian mixture,
+    :func:`fastinf.eval.mislabel_task`; seconds on a CPU). Gradient methods only: the methods that need
+    loss traces are listed as skipped. ``settings`` supplies the method options and sweeps; its
+    model/training fields do not apply.
+
+    Raises:
+        ValueError: unknown methods or sizes too small to flip one label.
+    """
+    s = dataclasses.replace(settings or MislabelSettings(), n_train=n_train, n_test=n_test)
+    if round(s.flip * n_train) < 1:
+        raise ValueError(f"n_train = {n_train} is too small: {s.flip:.0%} of it must be at least one example")
+    grad_methods, trace_methods = split_methods(methods)
+    out = prepare_report_dir(report_dir)
+    say = log or (lambda _msg: None)
+    t0 = time.perf_counter()
+    task = mislabel_task(n_train, n_test, seed=seed, flip=s.flip)
+    t_task = time.perf_counter() - t0
+    flipped = task.is_flipped.numpy().astype(bool)
+    part = _score_gradients(task.train, task.test, flipped, s, grad_methods, progress, say)
+    for m in trace_methods:
+        part["methods"][m] = {"auc": None, "skipped": TRACE_SKIP}
+    info = task.info
+    meta = {
+        "task": "mislabelled-data detection (synthetic)",
+        "n_train": n_train,
+        "n_test": n_test,
+        "flipped": int(flipped.sum()),
+        "seed": seed,
+        "seeds": [seed],
+        "settings": settings_dict(s),
+        "model": info["model"],
+        "training": f"{info['steps']} steps of full-batch GD",
+        "test_accuracy": info["test_acc"],
+        "train_accuracy_true_labels": info["train_acc_true_labels"],
+        "D": task.train.dim,
+        "blocks": len(task.train.names),
+        "task_seconds": t_task,
+        "total_seconds": time.perf_counter() - t0,
+    }
+    part["meta"], part["flipped"] = meta, flipped
+    result = _aggregate([part], [*grad_methods, *trace_methods])
+    result.meta, result.sweeps = meta, part["sweeps"]
+    return _finish(result, part, out)
+
+
+# ------------------------------------------------------------------------------------ report
+def mislabel_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the method table: AUC, agreement with exact, λ, seconds, peak MB, note."""
+    depth = result.meta.get("settings", {}).get("lissa_depth")
+    headers = ["method", "mislabel AUC", "corr. with exact (Pearson)", "Spearman", "λ", "seconds", "peak MB", "note"]
+    rows = []
+    for m, r in result.items():
+        name = _LABELS.get(m, m)
+        if r.get("seeds") and len(r["seeds"]) > 1:
+            name += f" ({len(r['seeds'])} seeds)"
+        if r.get("auc") is None:
+            rows.append([name, r.get("skipped") or "failed", "—", "—", "—", "—", "—", (r.get("error") or "")[:80]])
+            continue
+        note = r.get("note", "")
+        if r.get("converged") is False:
+            note = (note + "; " if note else "") + f"not converged at depth {depth}"
+        lam = r.get("lambda")
+        lam_text = "—" if lam is None else (f"{lam:.3g}" if isinstance(lam, float) else f"{lam[0]:.2g}…{lam[1]:.2g}")
+        rows.append(
+            [
+                name,
+                pm(r["auc"], r.get("auc_std")),
+                pm(r.get("corr_with_exact"), None),
+                pm(r.get("spearman_with_exact"), None),
+                lam_text,
+                f"{r['seconds']:.2f}",
+                f"{r.get('peak_mb', 0):.0f}",
+                note,
+            ]
+        )
+    return headers, rows
+
+
+def _sweep_tables(sweeps: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    out = []
+    if sweeps.get("damping"):
+        out.append(("AUC vs damping multiplier (λ = multiplier × the 'auto' λ)", *damping_section(sweeps["damping"])))
+    if sweeps.get("rrinf_iterations"):
+        rows = [[f"{k:,} iterations", pm(*v)] for k, v in sweeps["rrinf_iterations"].items()]
+        rows.append(["rrinf_fixed_point (closed form)", f"{sweeps['rrinf_fixed_point']:.3f}"])
+        out.append(("RRInf iterations vs its fixed point", ["RRInf", "AUC"], rows))
+    return out
+
+
+def _intro(meta: dict) -> str:
+    s = meta["settings"]
+    return (
+        f"Model: {meta.get('model')}; {meta.get('training')}. Training examples: {meta['n_train']} "
+        f"({meta['flipped']} labels flipped), test examples: {meta['n_test']}. Test accuracy "
+        f"{meta['test_accuracy']:.3f}. Gradient dimension D = {meta['D']} in {meta['blocks']} blocks. "
+        f"Checkpoints for Z0-Inf: {meta.get('checkpoints', '—')}. Seeds: {meta['seeds']}; stochastic methods over "
+        f"{list(s['rrinf_seeds'])}. "
+        f"Damping: {s['damping']!r}; LiSSA depth {s['lissa_depth']}."
+    )
+
+
+def _finish(result: ExperimentResult, first: dict, out: Path | None) -> ExperimentResult:
+    """Console summary and, with ``out``, the report directory."""
+    meta, sweeps = result.meta, result.sweeps
+    headers, rows = mislabel_table(result)
+    text = [text_table(headers[:-1], [r[:-1] for r in rows]), "", _intro(meta)]
+    for title, h, r in _sweep_tables(sweeps):
+        text += ["", title, text_table(h, r)]
+    result.report_dir = out
+    if out is not None:
+        curves = {n: detection_curve(sc, first["flipped"]) for n, sc in first["scores"].items()}
+        plot_detection_curves(
+            out / "detection_curves.png",
+            curves,
+            f"Mislabelled-data detection (n={meta['n_train']}, {meta['flipped']} flipped)",
+        )
+        pts = {_LABELS.get(m, m): (r["seconds"], r["auc"]) for m, r in result.items() if r.get("auc") is not None}
+        plot_time_vs_auc(out / "time_vs_auc.png", pts, "Time vs mislabel AUC")
+        plots = ["detection_curves.png", "time_vs_auc.png"]
+        if sweeps.get("damping"):
+            plot_auc_vs_damping(out / "auc_vs_damping.png", sweeps["damping"], "Mislabel AUC vs damping")
+            plots.append("auc_vs_damping.png")
+        md = [
+            f"# fastinf mislabelled-data detection report ({meta['task']})",
+            "",
+            _intro(meta),
+            "",
+            "AUC = roc_auc(is_flipped, influence on the mean test loss); positive = harmful; 0.5 = chance. "
+            "Stochastic methods: mean ± std over their seeds. Correlations are with `exact` on the same (n,) scores.",
+            "",
+            *section(None, headers, rows),
+        ]
+        for title, h, r in _sweep_tables(sweeps):
+            md += section(title, h, r)
+        md += ["Plots: " + ", ".join(f"`{p}`" for p in plots) + "."]
+        write_report(
+            out,
+            markdown=md,
+            results={"methods": dict(result), "meta": meta, "sweeps": sweeps},
+            scores={
+                "is_flipped": first["flipped"].astype(int).tolist(),
+                "scores": {k: v.tolist() for k, v in first["scores"].items()},
+            },
+        )
+        text += ["", f"report: {out / 'report.md'} (results.json, scores.json, {', '.join(plots)})"]
+    result.summary_text = "\n".join(text)
+    return result
+
+
+# ------------------------------------------------------------------------------------ the demo
+def mislabel_demo(
+    *,
+    quick: bool = False,
+    synthetic: bool = False,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    seeds: int = 3,
+    methods: Sequence[str] | None = None,
+    damping: float | str = "auto",
+    sweeps: bool | None = None,
+    report_dir: str | Path | None = "fastinf-report",
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> ExperimentResult:
+    """``fastinf demo``: mislabelled-data detection on Rotten Tomatoes with the bundled MiniLM + LoRA
+    (``synthetic=False``) or on the synthetic task, every method, one report.
+
+    Sizes: real 600/150 (``quick``: 160/40), synthetic 1000/200 (``quick``: 400/100); ``n_train`` /
+    ``n_test`` override. ``seeds``: how many seeds a stochastic method runs (``seed``, ``seed+1``, ...).
+    ``sweeps``: damping / iteration sweeps (default: on, off with ``quick`` for the synthetic task).
+    ``exact`` is always run: it is the reference of the correlations.
+    """
+    if methods is not None and "exact" not in methods:
+        methods = ["exact", *methods]
+    overrides: dict[str, Any] = {"rrinf_seeds": tuple(range(seed, seed + seeds)), "damping": damping}
+    if sweeps is not None:
+        overrides["sweeps"] = sweeps
+    if synthetic:
+        if sweeps is None:
+            overrides["sweeps"] = not quick
+        s = MislabelSettings(rrinf_iterations=(1000, 10_000), **overrides)
+        return synthetic_mislabel_experiment(
+            n_train=n_train or (400 if quick else 1000),
+            n_test=n_test or (100 if quick else 200),
+            seed=seed,
+            methods=methods,
+            settings=s,
+            report_dir=report_dir,
+            progress=progress,
+            log=log,
+        )
+    from ...data import rotten_tomatoes
+
+    s = MislabelSettings.quick(**overrides) if quick else MislabelSettings(**overrides)
+    s = dataclasses.replace(s, n_train=n_train or s.n_train, n_test=n_test or s.n_test)
+    if round(s.flip * s.n_train) < 1:
+        raise ValueError(f"n_train = {s.n_train} is too small: {s.flip:.0%} of it must be at least one example")
+    split_methods(methods)  # unknown names fail before the data and model load
+    texts, labels = rotten_tomatoes()
+    if log:
+        log(
+            f"fastinf demo: mislabelled-data detection on Rotten Tomatoes critic snippets ({len(texts)} available), "
+            f"MiniLM-L6 + LoRA r={s.lora_r}; n_train={s.n_train} ({s.flip:.0%} flipped), n_test={s.n_test}, "
+            f"{s.epochs} epochs, checkpoints every 1/{s.checkpoints_per_epoch} epoch, BIF {s.bif_chains}×{s.bif_draws} "
+            "SGLD draws" + (" [--quick]" if quick else "")
+        )
+    return mislabel_experiment(
+        texts, labels, methods=methods, seeds=(seed,), settings=s, report_dir=report_dir, progress=progress, log=log
+    )

@@ -1,0 +1,287 @@
+"""The library functions behind the command line: one per command that is not an experiment.
+
+* :func:`system_info` (``fastinf info``): versions, compute backends, devices, methods, bundled data;
+* :func:`capture_jsonl` (``fastinf grads``): per-example LoRA gradients of a JSON-lines file into a store;
+* :func:`score_stores` (``fastinf score``): one method on a train store against a test store, to a file;
+* :func:`run_benchmark` (``fastinf bench``): a script of the checkout's ``bench/`` directory.
+
+Each validates its input with a one-line ``ValueError`` naming the argument.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import ops
+from ..estimators import available_methods, get_estimator, method_info
+from ..gradients import GradientStore, LoRAGradientCollector
+from ..utils import atomic_write
+from ..version import __version__
+
+__all__ = ["BENCHMARKS", "capture_jsonl", "run_benchmark", "score_stores", "system_info"]
+
+BENCHMARKS = ("estimators", "capture", "traces", "ops")
+SCORE_FORMATS = (".safetensors", ".csv")
+
+
+# ------------------------------------------------------------------------------------ info
+def system_info() -> dict[str, Any]:
+    """Versions, compute backends (and why one is unavailable), CUDA devices, methods and bundled data."""
+    import numpy
+
+    devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            prop = torch.cuda.get_device_properties(i)
+            devices.append(
+                {
+                    "index": i,
+                    "name": prop.name,
+                    "memory_gib": round(prop.total_memory / 2**30, 1),
+                    "capability": f"{prop.major}.{prop.minor}",
+                }
+            )
+    return {
+        "fastinf": __version__,
+        "fastinf_path": str(Path(__file__).resolve().parent.parent),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "numpy": numpy.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "backends": ops.backends(),
+        "cuda_devices": devices,
+        "methods": available_methods(),
+        "data": _data_report(),
+    }
+
+
+def _data_report() -> dict[str, Any]:
+    try:
+        from ..data import data_report
+
+        return data_report()
+    except Exception as e:  # noqa: BLE001 - info must always print
+        return {"error": {"found": False, "install": f"{type(e).__name__}: {e}"}}
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """:func:`system_info` as the text ``fastinf info`` prints."""
+    cuda = f"CUDA {info['torch_cuda']}" if info["torch_cuda"] else "CPU-only build"
+    lines = [
+        f"fastinf   {info['fastinf']}  ({info['fastinf_path']})",
+        f"python    {info['python']}  ({info['platform']})",
+        f"torch     {info['torch']}  ({cuda}, {info['torch_threads']} threads)",
+        f"numpy     {info['numpy']}",
+        "backends:",
+        *[f"  {name:<8}{state}" for name, state in info["backends"].items()],
+        "CUDA devices:",
+    ]
+    if not info["cuda_devices"]:
+        lines.append("  none")
+    for d in info["cuda_devices"]:
+        lines.append(f"  cuda:{d['index']}  {d['name']}  {d['memory_gib']} GiB  (compute capability {d['capability']})")
+    lines += [f"methods:  {', '.join(info['methods'])}", "models and data:"]
+    for name, d in (info.get("data") or {}).items():
+        where = d.get("path") or ""
+        state = "found" if d.get("found") else f"MISSING ({d.get('install', 'see requirements-data.txt')})"
+        ver = f" {d['version']}" if d.get("version") else ""
+        extra = f", cache {d['cache']} ({'ready' if d.get('cached') else 'built on first use'})" if "cache" in d else ""
+        lines.append(f"  {name:<16}{d.get('package', '')}{ver}: {state}  {where}{extra}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ grads
+def read_jsonl(path: str | Path, *, required: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file.
+
+    Raises:
+        ValueError: the file is missing or empty, a line is not a JSON object, or a row lacks a
+            ``required`` field (the message names the line and the fields it has).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {path} does not exist")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {i} is not JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {i} is not a JSON object")
+        missing = [f for f in required if f not in row]
+        if missing:
+            raise ValueError(f"{path} line {i} has no field {', '.join(map(repr, missing))} (fields: {sorted(row)})")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"data file {path} has no rows")
+    return rows
+
+
+def capture_jsonl(
+    model: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    num_labels: int = 2,
+    r: int = 8,
+    batch_size: int = 16,
+    max_length: int = 128,
+    projection: int | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> GradientStore:
+    """Per-example LoRA gradients of every row of a JSON-lines file into a resumable GradientStore.
+
+    ``model``: ``"minilm"`` (a classifier: ``label_field`` holds the class; its head's gradients are
+    captured too) or ``"smollm2"`` (a causal LM: the loss on every text token). ``adapter``: a saved
+    peft adapter directory; otherwise a fresh, seeded adapter of rank ``r``. Re-running the same call
+    resumes an interrupted capture; a store made with other arguments is refused unless ``overwrite``.
+
+    Raises:
+        ValueError: missing file or fields, unknown model, a store made with other arguments.
+    """
+    from . import hf
+
+    required = [text_field] + ([label_field] if model == "minilm" else [])
+    rows = read_jsonl(data, required=required)
+    tok, net, classifier = hf.bundled_lora_model(model, adapter=adapter, r=r, seed=seed, num_labels=num_labels)
+    loader = hf.JsonlLoader(
+        rows,
+        tok,
+        text_field=text_field,
+        label_field=label_field if classifier else None,
+        batch_size=batch_size,
+        max_length=max_length,
+    )
+    col = LoRAGradientCollector(net, include_modules_to_save=classifier, projection=projection)
+    return col.collect(loader, store=out, progress=progress, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------------------------ score
+def score_stores(
+    train: str | Path,
+    test: str | Path,
+    out: str | Path,
+    *,
+    method: str = "datainf",
+    reduce: str | None = None,
+    topk: int | None = None,
+    smallest: bool = False,
+    damping: float | str = "auto",
+) -> dict[str, Any]:
+    """Score a training store against a test store with one gradient method and write the result.
+
+    Output (by ``out``'s suffix): ``.safetensors`` with ``scores`` (m, n) — or (n,) with
+    ``reduce="mean"`` — or, with ``topk``, ``values`` and ``indices`` (m, k) (never forming (m, n));
+    ``.csv`` writes the scores (or the values, plus ``<out>.indices.csv``). Positive = harmful.
+    Returns ``{"method", "files", "shapes", "description"}``.
+
+    Raises:
+        ValueError: unknown method, an option that does not apply (``reduce`` with ``topk``,
+            ``smallest`` without ``topk``), an unsupported output suffix, unreadable stores.
+    """
+    grad_methods = available_methods("gradients")
+    if method not in grad_methods:
+        raise ValueError(f"method must be one of {', '.join(grad_methods)}, got {method!r}")
+    if topk is not None and reduce is not None:
+        raise ValueError("reduce does not apply with topk (top-k is taken per test example)")
+    if smallest and topk is None:
+        raise ValueError("smallest applies only with topk")
+    out = Path(out)
+    if out.suffix not in SCORE_FORMATS:
+        raise ValueError(f"output {out} must end in {' or '.join(SCORE_FORMATS)}")
+    train_store, test_store = GradientStore.open(train), GradientStore.open(test)
+    opts = {"damping": damping} if method_info(method).uses_damping else {}
+    est = get_estimator(method, **opts).fit(train_store)
+    if topk is not None:
+        vals, idx = est.topk(test_store, topk, largest=not smallest)
+        tensors = {"values": vals.float().contiguous(), "indices": idx.contiguous()}
+        kind = "most helpful" if smallest else "most harmful"
+        description = f"per test example (rows), the {topk} {kind} training examples: values and indices"
+    else:
+        tensors = {"scores": est.score(test_store, reduce=reduce).float().contiguous()}
+        description = (
+            "influence of each training example on the mean test loss (n,)"
+            if reduce == "mean"
+            else "rows = test examples, columns = training examples"
+        )
+    files = [out]
+    if out.suffix == ".csv":
+        import numpy as np
+
+        key = "scores" if "scores" in tensors else "values"
+        atomic_write(out, _csv(np.atleast_2d(tensors[key].numpy()), "%.9g"))
+        if "indices" in tensors:
+            files.append(out.with_suffix(".indices.csv"))
+            atomic_write(files[-1], _csv(tensors["indices"].numpy(), "%d"))
+    else:
+        from safetensors.torch import save
+
+        meta = {"method": method, "sign": "positive = harmful", "reduce": str(reduce), "description": description}
+        atomic_write(out, save(tensors, metadata=meta))
+    return {
+        "method": method,
+        "files": [str(f) for f in files],
+        "shapes": {k: tuple(v.shape) for k, v in tensors.items()},
+        "description": description,
+    }
+
+
+def _csv(a: Any, fmt: str) -> str:
+    import io
+
+    import numpy as np
+
+    buf = io.StringIO()
+    np.savetxt(buf, a, delimiter=",", fmt=fmt)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------ bench
+def bench_dir() -> Path:
+    """The checkout's ``bench/`` directory (benchmarks are not part of the installed package)."""
+    return Path(__file__).resolve().parents[2] / "bench"
+
+
+def run_benchmark(which: str, argv: Sequence[str] = ()) -> int:
+    """Run ``bench/bench_<which>.py``'s ``main(argv)`` in this process; returns its exit status.
+
+    Raises:
+        ValueError: an unknown benchmark, or no ``bench/`` directory (an installed package without
+            the checkout).
+    """
+    if which not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {which!r}; choose from {', '.join(BENCHMARKS)}")
+    path = bench_dir() / f"bench_{which}.py"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: the benchmarks live in the repository checkout's bench/ directory")
+    here = str(path.parent)
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)  # the scripts import their shared bench/utils.py
+    try:
+        spec = importlib.util.spec_from_file_location(f"fastinf_bench_{which}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        rc = module.main(list(argv))
+    finally:
+        if added:
+            sys.path.remove(here)
+    return int(rc or 0) if not isinstance(rc, list) else 0
