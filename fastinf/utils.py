@@ -141,15 +141,18 @@ class PeakMemory:
     ``getrusage().ru_maxrss`` (0 when the block stays below an earlier peak of the process). CUDA
     (when available): the larger of that and ``torch.cuda.max_memory_allocated`` above its value at
     entry. Probes nest: an inner probe hands the peak it saw to the probes around it before it
-    resets the counter. ``method`` says which CPU counter was used.
+    resets the counter. ``method`` says which CPU counter was used. ``collect=False`` skips the
+    ``gc.collect()`` at entry (it costs ~0.1 s once torch is imported: pass False when timing many calls).
     """
 
-    def __init__(self, *, cuda: bool | None = None) -> None:
+    def __init__(self, *, cuda: bool | None = None, collect: bool = True) -> None:
         self.mb = 0.0
         self._cuda = cuda
+        self._collect = collect
 
     def __enter__(self) -> PeakMemory:
-        gc.collect()
+        if self._collect:
+            gc.collect()
         if self._cuda is None:
             self._cuda = "torch" in sys.modules and sys.modules["torch"].cuda.is_available()
         if self._cuda:
@@ -236,13 +239,16 @@ def time_fn(
     budget: float = 0.0,
     max_seconds: float = math.inf,
     memory: bool = True,
+    collect: bool = True,
 ) -> TimingStats:
     """Time ``fn``: ``warmup`` untimed calls, then at least ``repeats`` timed ones, more (up to
     ``max_repeats``) while the timed calls have used less than ``budget`` seconds; no new call starts
     once warm-up plus timed calls have used ``max_seconds`` (one timed call at least).
 
     On a CUDA ``device`` each call is timed with CUDA events and the peak is the device's
-    ``max_memory_allocated`` growth; on the CPU, wall clock and :class:`PeakMemory`.
+    ``max_memory_allocated`` growth; on the CPU, wall clock and :class:`PeakMemory` (``memory=False``:
+    no probe, peak 0). ``collect=False``: ``gc.collect()`` before the first timed call only, not before
+    each (for many repeats of a fast call, whose ``budget`` would otherwise go to the collector).
     """
     import torch
 
@@ -260,7 +266,7 @@ def time_fn(
     while len(times) < cap:
         out = None
         if cuda:
-            with PeakMemory(cuda=True) as mem:
+            with PeakMemory(cuda=True, collect=collect or not times) as mem:
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
                 out = fn()
@@ -268,7 +274,7 @@ def time_fn(
                 e1.synchronize()
             times.append(e0.elapsed_time(e1) / 1e3)
         else:
-            with (PeakMemory(cuda=False) if memory else _Null()) as mem:
+            with PeakMemory(cuda=False, collect=collect or not times) if memory else _Null() as mem:
                 t0 = time.perf_counter()
                 out = fn()
                 times.append(time.perf_counter() - t0)
