@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from ..utils import atomic_write
+from ..version import __version__
 from .gradient_set import GradientSet, _first_bad_example
 
 __all__ = ["GradientStore", "StoreError"]
@@ -48,35 +50,12 @@ class StoreError(ValueError):
     """A gradient store that is missing, corrupted, truncated or incompatible."""
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - platform dependent
-        pass
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 class _LazyBlocks(Mapping):
@@ -163,7 +142,7 @@ class GradientStore(GradientSet):
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "fastinf_version": _version(),
+            "fastinf_version": __version__,
             "fingerprint": fp,
             "blocks": dict(fp["blocks"]),
             "dtype": fp["dtype"],
@@ -171,7 +150,7 @@ class GradientStore(GradientSet):
             "complete": False,
             "shards": [],
         }
-        _fsync_write(mpath, json.dumps(manifest, indent=1).encode())
+        atomic_write(mpath, json.dumps(manifest, indent=1).encode(), durable=True)
         return cls(path, manifest)
 
     @classmethod
@@ -233,14 +212,14 @@ class GradientStore(GradientSet):
         idx = len(self.manifest["shards"])
         fname = f"shard-{idx:05d}.safetensors"
         data = save(tensors, metadata={"format": f"{FORMAT}/{idx}"})  # one key: deterministic header
-        _fsync_write(self.path / fname, data)
+        atomic_write(self.path / fname, data, durable=True)
         entry = {"file": fname, "n": int(n_new), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         self.manifest["shards"].append(entry)
         self.manifest["n"] += int(n_new)
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        _fsync_write(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+        atomic_write(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode(), durable=True)
 
     def mark_complete(self) -> None:
         self.manifest["complete"] = True

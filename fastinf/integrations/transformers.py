@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..gradients.losses import causal_lm_loss, default_loss_fn, model_kind, sequence_classification_loss
+from ..utils import atomic_write
 
 __all__ = ["CheckpointCallback", "causal_lm_loss", "default_loss_fn", "model_kind", "sequence_classification_loss"]
 
@@ -44,13 +45,10 @@ class CheckpointCallback(TrainerCallback):
     def _save(self, model, step: int) -> None:
         from safetensors.torch import save
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / f"step-{step:08d}.safetensors"
         if path in self.checkpoints:
             return
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(save(_adapter_state(model)))
-        os.replace(tmp, path)
+        atomic_write(path, save(_adapter_state(model)))
         self.checkpoints.append(path)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -45,6 +45,8 @@ def test_round_trip_and_lazy_reading(setup, tmp_path):
     assert man["fingerprint"]["model_class"] == "LlamaForCausalLM"
     assert all(len(s["sha256"]) == 64 for s in man["shards"])
     assert not list((tmp_path / "s").glob("*.pkl"))
+    assert man["fastinf_version"] == fastinf.__version__
+    assert not list((tmp_path / "s").glob(".*")), "a temporary file was left behind"
     # estimators read the store lazily and give the same scores
     test = mem.subset(slice(0, 2))
     torch.testing.assert_close(fastinf.DataInf().fit(st).score(test), fastinf.DataInf().fit(mem).score(test))
@@ -88,22 +90,23 @@ def test_resume_after_crash_inside_a_shard_write(setup, tmp_path, monkeypatch):
     model, loader = setup
     col = fastinf.LoRAGradientCollector(model)
     col.collect(loader, store=tmp_path / "ref", progress=False)
-    real = store_mod._fsync_write
+    real = store_mod.atomic_write
     state = {"shards": 0}
 
-    def dying_write(path, data):
+    def dying_write(path, data, *, durable=False):
+        assert durable, "the store's writes must be fsynced"
         if path.name.startswith("shard-"):
             state["shards"] += 1
             if state["shards"] == 3:  # killed halfway through writing the third shard
                 tmp = path.with_name(f".{path.name}.tmp-1")
                 tmp.write_bytes(data[: len(data) // 2])
                 raise Crash()
-        return real(path, data)
+        return real(path, data, durable=durable)
 
-    monkeypatch.setattr(store_mod, "_fsync_write", dying_write)
+    monkeypatch.setattr(store_mod, "atomic_write", dying_write)
     with pytest.raises(Crash):
         col.collect(loader, store=tmp_path / "run", progress=False)
-    monkeypatch.setattr(store_mod, "_fsync_write", real)
+    monkeypatch.setattr(store_mod, "atomic_write", real)
     col.collect(loader, store=tmp_path / "run", progress=False)
     files = {k: v for k, v in _files(tmp_path / "run").items() if not k.startswith(".")}
     assert files == _files(tmp_path / "ref")
