@@ -29,13 +29,8 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
-import datetime  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -46,30 +41,14 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import fastinf  # noqa: E402
-from fastinf import GradientSet  # noqa: E402
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # the repository root: ``bench.utils``
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_CSV = HERE / "results" / "bench_estimators.csv"
-QUICK_CSV = HERE / "results" / "bench_estimators_quick.csv"
-COLUMNS = [
-    "method",
-    "op",
-    "backend",
-    "shape",
-    "dtype",
-    "device",
-    "median_s",
-    "p20_s",
-    "p80_s",
-    "peak_mem_mb",
-    "baseline_median_s",
-    "speedup",
-    "max_rel_err",
-    "version",
-    "date",
-    "note",
-]
+import fastinf  # noqa: E402
+from bench import utils as bu  # noqa: E402
+from fastinf import GradientSet  # noqa: E402
+from fastinf.utils import TimingStats, loadavg, time_fn  # noqa: E402
+
 ALL_METHODS = ("identity", "datainf", "lissa", "exact", "rrinf", "datainf_pertest")
 DAMPING_FACTOR = 0.1  # λ = 0.1 × mean squared entry (both references: mean(g²) / lambda_const_param=10)
 
@@ -297,88 +276,6 @@ def loop_method(
 
 
 # =============================================================================== measurement
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _can_reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _status_kb("VmHWM")
-        return True
-    except OSError:
-        return False
-    except KeyError:
-        return False
-
-
-MEM_METHOD = "VmHWM" if sys.platform.startswith("linux") and _can_reset_hwm() else "ru_maxrss"
-MEM_DOC = {
-    "VmHWM": "peak RSS above the RSS at call start (/proc/self VmHWM, reset via clear_refs before each call)",
-    "ru_maxrss": "resource.getrusage ru_maxrss delta over the call (0 when below an earlier peak)",
-}[MEM_METHOD]
-
-
-class MemProbe:
-    """Peak resident memory added by a call, in MiB (see MEM_DOC)."""
-
-    def __enter__(self) -> MemProbe:
-        gc.collect()
-        if MEM_METHOD == "VmHWM":
-            self.start = _status_kb("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        else:
-            self.start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        end = _status_kb("VmHWM") if MEM_METHOD == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.mb = max(0, end - self.start) / 1024.0
-
-
-@dataclass
-class Timing:
-    times: list[float]
-    peak_mb: float
-    result: Any
-    extra: str = ""
-
-    @property
-    def median(self) -> float:
-        return float(np.median(self.times))
-
-    def pct(self, q: float) -> float:
-        return float(np.percentile(self.times, q))
-
-
-def measure(fn: Callable[[], Any], repeats: int, warmup: int = 0, max_seconds: float = float("inf")) -> Timing:
-    """Run ``fn`` ``warmup`` times untimed, then up to ``repeats`` times timed. Once warm-up plus timed runs have
-    used ``max_seconds``, no further run starts (at least one timed run). Returns the wall times, the largest
-    peak-memory increase of a timed run, and the last result."""
-    t_begin = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    peak = 0.0
-    out = None
-    for _ in range(max(1, repeats)):
-        out = None
-        with MemProbe() as mp:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-        peak = max(peak, mp.mb)
-        if time.perf_counter() - t_begin >= max_seconds:
-            break
-    return Timing(times, peak, out)
-
-
 def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """(max |a − b| / max |b|, Pearson r) in float64; ``b`` is the baseline."""
     a, b = a.double().reshape(-1), b.double().reshape(-1)
@@ -389,28 +286,24 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 # =============================================================================== rows
 class Report:
-    def __init__(self, args: argparse.Namespace, shape: Shape) -> None:
-        self.rows: list[dict[str, Any]] = []
-        self.shape = shape
-        self.version = version_string()
-        self.date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        self.device = device_string()
+    """The run's rows (bench/utils.py schema), printed as they come."""
 
-    def add(self, **row: Any) -> dict[str, Any]:
-        full = {c: "" for c in COLUMNS}
-        full.update(version=self.version, date=self.date, device=self.device)
-        full.update(row)
-        self.rows.append(full)
-        print_row(full)
-        return full
+    def __init__(self, args: argparse.Namespace, shape: Shape) -> None:
+        self.shape = shape
+        self.builder = bu.RowBuilder(printer=bu.LinePrinter(_PRINT_COLS))
+        self.rows = self.builder.rows
+        self.version, self.device = self.builder.version, self.builder.device
+
+    def add(self, **row: Any) -> dict[str, str]:
+        return self.builder.add(**row)
 
     def pair(
         self,
         method: str,
         op: str,
         shape: str,
-        fast: Timing,
-        base: Timing | None,
+        fast: TimingStats,
+        base: TimingStats | None,
         *,
         fast_dtype: str = "float32",
         base_dtype: str = "float32",
@@ -427,21 +320,19 @@ class Report:
             notes.append(f"pearson_r={err[1]:.7f}")
         if fast_note:
             notes.append(fast_note)
-        if fast.extra:
-            notes.append(fast.extra)
+        if fast.extra.get("split"):
+            notes.append(fast.extra["split"])
         self.add(
             method=method,
             op=op,
             backend=fastinf_backend(method),
             shape=shape,
             dtype=fast_dtype,
-            median_s=fmt(fast.median),
-            p20_s=fmt(fast.pct(20)),
-            p80_s=fmt(fast.pct(80)),
-            peak_mem_mb=f"{fast.peak_mb:.1f}",
-            baseline_median_s=fmt(bmed),
-            speedup=f"{bmed / fast.median:.2f}" if bmed is not None else "",
-            max_rel_err=f"{err[0]:.3e}" if err is not None else "",
+            timing=fast,
+            baseline=(base_method or f"loop_{method}") if bmed is not None else None,
+            baseline_median_s=bmed,
+            speedup=bmed / fast.median if bmed is not None else None,
+            max_rel_err=err[0] if err is not None else None,
             note="; ".join(notes),
         )
         if base is not None:
@@ -451,16 +342,9 @@ class Report:
                 backend="python-loop",
                 shape=shape,
                 dtype=base_dtype,
-                median_s=fmt(base.median),
-                p20_s=fmt(base.pct(20)),
-                p80_s=fmt(base.pct(80)),
-                peak_mem_mb=f"{base.peak_mb:.1f}",
+                timing=base,
                 note="; ".join([f"runs={len(base.times)}"] + ([base_note] if base_note else [])),
             )
-
-
-def fmt(x: float | None) -> str:
-    return "" if x is None else f"{x:.6g}"
 
 
 def fastinf_backend(method: str) -> str:
@@ -474,47 +358,6 @@ def fastinf_backend(method: str) -> str:
         return f"fastinf/{_dispatch.resolve(key, 'auto', torch.device('cpu'))}"
     except Exception:  # pragma: no cover - defensive
         return "fastinf"
-
-
-def version_string() -> str:
-    sha = ""
-    try:
-        root = HERE.parent
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        if sha and dirty:
-            sha += "-dirty"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return f"fastinf {fastinf.__version__}{'+' + sha if sha else ''} torch {torch.__version__}"
-
-
-def loadavg() -> str:
-    """The 1/5/15-minute load averages: other processes on the machine make the timings noisier."""
-    try:
-        return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "load average unknown"
-
-
-def device_string() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu ({cpu}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()})"
 
 
 _PRINT_COLS = [
@@ -531,21 +374,10 @@ _PRINT_COLS = [
 ]
 
 
-def print_header() -> None:
-    hdr = " ".join(f"{name[:w]:<{w}}" for name, w in _PRINT_COLS)
-    print(hdr + " note", flush=True)
-    print("-" * (len(hdr) + 5), flush=True)
-
-
-def print_row(row: dict[str, Any]) -> None:
-    line = " ".join(f"{str(row[c])[:w]:<{w}}" for c, w in _PRINT_COLS)
-    print(f"{line} {row['note']}", flush=True)
-
-
 # =============================================================================== cases
 def measure_fit_score(
     factory: Callable[[], fastinf.Estimator], train: GradientSet, test: GradientSet, reduce: str | None, args
-) -> Timing:
+) -> TimingStats:
     """Time ``factory().fit(train).score(test, reduce=reduce)`` end to end; the note gets the fit/score split."""
     split: list[tuple[float, float]] = []
 
@@ -557,9 +389,9 @@ def measure_fit_score(
         split.append((t1 - t0, time.perf_counter() - t1))
         return out
 
-    res = measure(run, args.repeats, args.warmup, args.max_seconds)
+    res = time_fn(run, warmup=args.warmup, repeats=args.repeats, max_seconds=args.max_seconds)
     timed = split[-len(res.times) :]
-    res.extra = (
+    res.extra["split"] = (
         f"fit {np.median([a for a, _ in timed]):.3g} s + score {np.median([b for _, b in timed]):.3g} s (medians)"
     )
     return res
@@ -574,11 +406,10 @@ def case_mean(name: str, args, ctx, rep: Report) -> None:
         "lissa": lambda: fastinf.LiSSA(reference_compat=True, depth=args.lissa_iters),
     }
     fast = measure_fit_score(factories[name], train, test, "mean", args)
-    base = measure(
+    base = time_fn(
         lambda: loop_method(name, tr, te, train.names, lissa_iters=args.lissa_iters),
-        args.baseline_repeats,
-        0,
-        args.baseline_max_seconds,
+        repeats=args.baseline_repeats,
+        max_seconds=args.baseline_max_seconds,
     )
     label = {
         "identity": ("HessianFree()", "IFEngine identity + IF loop"),
@@ -625,8 +456,8 @@ def case_datainf_pertest(args, ctx, rep: Report) -> None:
         ext.append(t_lam + (t_all - t_lam) * m / V)
         return rows
 
-    part = measure(timed_rows, args.baseline_repeats, 0, args.baseline_max_seconds)
-    base = Timing(ext, part.peak_mb, part.result)
+    part = time_fn(timed_rows, repeats=args.baseline_repeats, max_seconds=args.baseline_max_seconds)
+    base = TimingStats(ext, part.peak_mb, part.result)
     err = agreement(fast.result[:V], base.result)
     extrap = V < m
     rep.pair(
@@ -658,7 +489,7 @@ def parse_blocks(spec: str, shape: Shape) -> list[str]:
         if not tok:
             continue
         if tok not in by_short:
-            raise SystemExit(f"--exact-blocks: unknown block {tok!r}; use 'all' or tokens like head, A0, B3")
+            raise ValueError(f"--exact-blocks: unknown block {tok!r}; use 'all' or tokens like head, A0, B3")
         out.append(by_short[tok])
     return out
 
@@ -681,7 +512,7 @@ def case_exact(args, ctx, rep: Report) -> None:
     """Exact(blockwise=True) per block vs the `accurate` loop (outer-product sum + eigendecomposition)."""
     train, test, tr, te, shape = ctx["train"], ctx["test"], ctx["tr"], ctx["te"], rep.shape
     n = train.n
-    blocks = parse_blocks(args.exact_blocks, shape)
+    blocks = args.exact_blocks  # resolved by resolve_args
     variants = [("exact", None)] + ([("exact_fp32", torch.float32)] if args.exact_fp32 else [])
     per_block: dict[str, dict[str, float]] = {}  # block -> {label: fastinf median, "loop": loop median, "err": ...}
     for k in blocks:
@@ -709,8 +540,8 @@ def case_exact(args, ctx, rep: Report) -> None:
             outer.append(t_outer)
             return IF
 
-        part = measure(loop_accurate, args.baseline_repeats, 0, args.baseline_max_seconds)
-        base = Timing(eff, part.peak_mb, part.result)
+        part = time_fn(loop_accurate, repeats=args.baseline_repeats, max_seconds=args.baseline_max_seconds)
+        base = TimingStats(eff, part.peak_mb, part.result)
         if sample < n:
             bnote = (
                 f"EXTRAPOLATED: outer-product sum timed on {sample} of {n} examples ({np.median(outer):.3g} s) and "
@@ -773,10 +604,11 @@ def case_exact(args, ctx, rep: Report) -> None:
             backend="fastinf/torch",
             shape=shape.describe(shape.names),
             dtype="float32->float64" if dtype is None else "float32",
-            median_s=fmt(val),
-            baseline_median_s=fmt(loop_total),
-            speedup=f"{loop_total / val:.2f}",
-            max_rel_err=f"{max(v['err_' + label] for v in per_block.values()):.3e}",
+            median_s=val,
+            baseline="loop_accurate",
+            baseline_median_s=loop_total,
+            speedup=loop_total / val,
+            max_rel_err=max(v["err_" + label] for v in per_block.values()),
             note=note,
         )
     rep.add(
@@ -785,7 +617,7 @@ def case_exact(args, ctx, rep: Report) -> None:
         backend="python-loop",
         shape=shape.describe(shape.names),
         dtype="float32",
-        median_s=fmt(loop_total),
+        median_s=loop_total,
         note=note,
     )
 
@@ -811,8 +643,10 @@ def case_rrinf(args, ctx, rep: Report) -> None:
         Phi[off : off + d] = train[k].T
         off += d
     clist = coords.tolist()
-    base = measure(
-        functools.partial(loop_rrinf, Phi, te, names, clist, 0.01), args.baseline_repeats, 0, args.baseline_max_seconds
+    base = time_fn(
+        functools.partial(loop_rrinf, Phi, te, names, clist, 0.01),
+        repeats=args.baseline_repeats,
+        max_seconds=args.baseline_max_seconds,
     )
     del Phi
     gc.collect()
@@ -858,7 +692,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="no new run of a measurement starts after this many seconds, warm-up included (60)",
     )
     p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list from {','.join(ALL_METHODS)}")
-    p.add_argument("--quick", action="store_true", help="tiny shape (n=256, m=32, 2 layers, width 128): seconds")
     p.add_argument(
         "--exact-blocks",
         default=None,
@@ -882,12 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rrinf-iters", type=int, default=1000, help="RRInf SGD steps (reference: 1000)")
     p.add_argument("--pertest-val", type=int, default=2, help="test points the per-test loop runs on (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--csv", default=None, help=f"output CSV (default {DEFAULT_CSV.relative_to(HERE.parent)})")
-    p.add_argument("--append", action="store_true", help="append to the CSV instead of overwriting it")
+    bu.add_output_args(p, "bench_estimators", quick_help="tiny shape (n=256, m=32, 2 layers, width 128): seconds")
     return p
 
 
-def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, Shape]:
+def resolve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[argparse.Namespace, Shape]:
+    """Fill the --quick / full defaults and validate (a bad value: ``parser.error``, exit status 2)."""
     q = args.quick
     base = Shape(n=256, m=32, layers=2, rank=8, width=128, head=2) if q else Shape()
     shape = Shape(
@@ -904,40 +737,39 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, Shape]:
         args.baseline_repeats = 3
     if args.exact_blocks is None:
         args.exact_blocks = "all" if q else ("head,A0" if shape.head and shape.layers else "all")
-    if args.csv is None:
-        args.csv = str(QUICK_CSV if q else DEFAULT_CSV)
+    args.out = bu.output_path(args, "bench_estimators")
+    if min(args.repeats, args.baseline_repeats) < 1:
+        parser.error("--repeats and --baseline-repeats must be at least 1")
     args.methods = [x.strip() for x in args.methods.split(",") if x.strip()]
     bad = [x for x in args.methods if x not in ALL_METHODS]
     if bad:
-        raise SystemExit(f"--methods: unknown {bad}; choose from {ALL_METHODS}")
+        parser.error(f"--methods: unknown {bad}; choose from {ALL_METHODS}")
+    try:
+        args.exact_blocks = parse_blocks(args.exact_blocks, shape)
+    except ValueError as e:
+        parser.error(str(e))
     return args, shape
 
 
-def write_csv(rows: list[dict[str, Any]], path: str, append: bool) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    new = not (append and p.exists())
-    with open(p, "w" if new else "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    args, shape = resolve_args(build_parser().parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with command-line arguments ``argv`` (None: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    parsed = bu.parse_args(parser, argv, lambda a: resolve_args(parser, a))
+    if isinstance(parsed, int):
+        return parsed
+    args, shape = parsed
+    bu.set_torch_threads()
     t_start = time.perf_counter()
     rep = Report(args, shape)
     gb = (shape.n + shape.m) * shape.dim * 4 / 2**30
     print(f"# fastinf estimator benchmark: {shape.describe()}  (train+test {gb:.2f} GiB float32)")
     print(f"# {rep.device}; {rep.version}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; {loadavg()}")
-    print(f"# times: fit+score wall seconds; speedup = loop median / fastinf median; peak_mem_mb = {MEM_DOC}")
+    print(f"# times: fit+score wall seconds; speedup = loop median / fastinf median; peak_mem_mb = {bu.memory_doc()}")
     print(f"# max_rel_err = max|fastinf - loop| / max|loop|; methods: {','.join(args.methods)}", flush=True)
     t0 = time.perf_counter()
     train, test = make_gradients(shape, seed=args.seed)
     print(f"# gradients generated in {time.perf_counter() - t0:.1f} s", flush=True)
     ctx = {"train": train, "test": test, "tr": example_dicts(train), "te": example_dicts(test)}
-    print_header()
     for name in args.methods:
         t1 = time.perf_counter()
         if name in ("identity", "datainf", "lissa"):
@@ -950,11 +782,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             case_rrinf(args, ctx, rep)
         print(f"#   ({name}: {time.perf_counter() - t1:.1f} s)", flush=True)
         gc.collect()
-    write_csv(rep.rows, args.csv, args.append)
-    print(f"# wrote {len(rep.rows)} rows to {args.csv}; total {time.perf_counter() - t_start:.1f} s; {loadavg()}")
-    return rep.rows
+    bu.write_csv(rep.rows, args.out, append=args.append)
+    print(f"# wrote {len(rep.rows)} rows to {args.out}; total {time.perf_counter() - t_start:.1f} s; {loadavg()}")
+    return 0
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    main()
+    sys.exit(main())

@@ -66,5 +66,6 @@ def test_exact_blockwise_mean(benchmark, grads, impl):
     else:
         out = benchmark(loop_accurate)
     truth = sum(be.oracle_exact_mean(train[k], test[k]) for k in names)
-    # fastinf solves in float64; the loop's float32 eigh is the less accurate of the two
-    _check(out, truth, 1e-9 if impl == "fastinf" else 1e-3)
+    # fastinf solves in float64, but its auto λ sums float32 row norms (in float64): ~1e-8 relative to the oracle's
+    # float64 λ, which moves the scores by ~5e-9. The loop's float32 eigh is the less accurate of the two.
+    _check(out, truth, 5e-8 if impl == "fastinf" else 1e-3)
