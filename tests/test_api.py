@@ -86,7 +86,9 @@ def test_canonical_method_names():
     assert fastinf.available_methods("traces") == ["z0inf", "bif"]
 
 
-@pytest.mark.parametrize("module", ["fastinf", "fastinf.eval", "fastinf.ops", "fastinf.estimators", "fastinf.gradients"])
+@pytest.mark.parametrize(
+    "module", ["fastinf", "fastinf.eval", "fastinf.ops", "fastinf.estimators", "fastinf.gradients"]
+)
 def test_all_exports_resolve(module):
     mod = importlib.import_module(module)
     for name in getattr(mod, "__all__", []):

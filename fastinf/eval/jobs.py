@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .. import ops
 from ..estimators import available_methods, get_estimator, method_info
 from ..gradients import GradientStore, LoRAGradientCollector
+from ..ops import backends as ops_backends
 from ..utils import atomic_write
 from ..version import __version__
 
@@ -58,7 +58,7 @@ def system_info() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "numpy": numpy.__version__,
         "torch_threads": torch.get_num_threads(),
-        "backends": ops.backends(),
+        "backends": ops_backends(),
         "cuda_devices": devices,
         "methods": available_methods(),
         "data": _data_report(),

