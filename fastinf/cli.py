@@ -172,7 +172,13 @@ def _methods(text: str) -> list[str]:
     return methods
 
 
-def _print_failures(command: str, failed: dict[str, str]) -> int:
+def _print_result(command: str, result: Any) -> int:
+    """Print an experiment's summary, and one stderr line per failed method; 1 if any failed."""
+    from .eval import failed_methods
+
+    print()
+    print(result.summary())
+    failed = failed_methods(result)
     for method, error in failed.items():
         print(f"{PROG} {command}: method {method} failed: {error}", file=sys.stderr)
     return 1 if failed else 0
@@ -265,7 +271,7 @@ class DemoCommand(Command):
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(self, args: argparse.Namespace) -> int:
-        from .eval import failed_methods, mislabel_demo
+        from .eval import mislabel_demo
 
         report_dir = args.report_dir if (args.report_dir or args.synthetic) else Path("fastinf-report")
         result = mislabel_demo(
@@ -282,9 +288,7 @@ class DemoCommand(Command):
             progress=not args.no_progress,
             log=lambda msg: print(msg, flush=True),
         )
-        print()
-        print(result.summary())
-        return _print_failures(self.name, failed_methods(result))
+        return _print_result(self.name, result)
 
 
 @register_command
@@ -317,7 +321,7 @@ class EvalCommand(Command):
         parser.add_argument("--no-progress", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
-        from .eval import failed_methods, run_task
+        from .eval import run_task
 
         result = run_task(
             args.task,
@@ -332,9 +336,7 @@ class EvalCommand(Command):
             progress=not args.no_progress,
             log=lambda msg: print(msg, flush=True),
         )
-        print()
-        print(result.summary())
-        return _print_failures(self.name, failed_methods(result))
+        return _print_result(self.name, result)
 
 
 @register_command
