@@ -10,9 +10,9 @@ run; dtypes float32, bfloat16, float16.
 
 In the same run it measures two ceilings on the same device: a large matrix product (bfloat16 and float32,
 ``torch.matmul``, random data) and a large device-to-device copy (bytes read + written). Each row's
-``roofline_ms`` = max(flop / GEMM rate of its dtype, minimal bytes / copy bandwidth) and ``frac_roofline`` =
-roofline_ms / median_ms. ``flop`` counts the useful multiply-adds (×2); ``bytes`` counts each input read once
-and each output written once. ``speedup_vs_torch`` is the reference's median over this row's, same dtype;
+``roofline_s`` = max(flop / GEMM rate of its dtype, minimal bytes / copy bandwidth) and ``frac_roofline`` =
+roofline_s / median_s. ``flop`` counts the useful multiply-adds (×2); ``bytes`` counts each input read once
+and each output written once. ``speedup`` is the reference's (``baseline`` = torch) median over this row's, same dtype;
 ``max_rel_err`` is ‖out − ref‖/‖ref‖ against the reference's output on the same inputs.
 
 Usage::
@@ -34,49 +34,21 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # the repository root: ``bench.utils``
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fastinf  # noqa: E402
+from bench import utils as bu  # noqa: E402
 from fastinf import ops  # noqa: E402
+from fastinf.testing import rel_err  # noqa: E402
+from fastinf.utils import time_fn  # noqa: E402
 
-DEFAULT_CSV = HERE / "results" / "bench_ops.csv"
-QUICK_CSV = HERE / "results" / "bench_ops_quick.csv"
-COLUMNS = [
-    "op",
-    "backend",
-    "shape",
-    "dtype",
-    "device",
-    "median_ms",
-    "p20_ms",
-    "p80_ms",
-    "peak_mem_mb",
-    "gflop",
-    "gbytes",
-    "tflops",
-    "gbps",
-    "roofline_ms",
-    "frac_roofline",
-    "speedup_vs_torch",
-    "max_rel_err",
-    "version",
-    "date",
-    "note",
-]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -209,38 +181,16 @@ def cases(quick: bool) -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def time_fn(fn: Callable[[], object], dev: torch.device, *, warmup: int, min_reps: int, budget: float):
-    """(median, p20, p80) seconds of fn() and the peak extra device memory in MiB (0 on CPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    peak = 0.0
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    times: list[float] = []
-    t_start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - t_start < budget and len(times) < 200):
-        if dev.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    if dev.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-    med, p20, p80 = np.percentile(times, [50, 20, 80])
-    return float(med), float(p20), float(p80), peak
+def _time(fn: Callable[[], object], dev: torch.device, args: argparse.Namespace | None = None, **kw):
+    """fastinf.utils.time_fn with this script's rule: at least ``--min-reps`` calls after ``--warmup``, more (up
+    to 200) while the timed calls have used less than ``--budget`` seconds. No gc.collect between calls and no
+    peak-memory probe on the CPU (its /proc reads between calls slow sub-millisecond calls by ~15 %); on a GPU
+    the peak is the device's max_memory_allocated growth."""
+    opts = {"warmup": 2, "repeats": 5, "budget": 1.0}
+    if args is not None:
+        opts = {"warmup": args.warmup, "repeats": args.min_reps, "budget": args.budget}
+    opts.update(kw)
+    return time_fn(fn, device=dev, max_repeats=200, memory=False, collect=False, **opts)
 
 
 def measure_ceilings(dev: torch.device, quick: bool) -> dict[str, float]:
@@ -252,7 +202,7 @@ def measure_ceilings(dev: torch.device, quick: bool) -> dict[str, float]:
             continue
         a = torch.randn(n, n, device=dev).to(dt)
         b = torch.randn(n, n, device=dev).to(dt)
-        med = time_fn(lambda a=a, b=b: a @ b, dev, warmup=2, min_reps=5, budget=1.0)[0]
+        med = _time(lambda a=a, b=b: a @ b, dev).median
         out[f"gemm_{name}"] = 2.0 * n**3 / med
         out["what"][f"gemm_{name}"] = f"{n}^3 matmul, random data"
         del a, b
@@ -262,7 +212,7 @@ def measure_ceilings(dev: torch.device, quick: bool) -> dict[str, float]:
     nbytes = (1 << 30) if dev.type == "cuda" and not quick else (1 << 27)
     x = torch.empty(nbytes // 4, device=dev).uniform_()
     y = torch.empty_like(x)
-    med = time_fn(lambda x=x, y=y: y.copy_(x), dev, warmup=2, min_reps=5, budget=1.0)[0]
+    med = _time(lambda x=x, y=y: y.copy_(x), dev).median
     out["copy"] = 2.0 * nbytes / med
     out["what"]["copy"] = f"{nbytes >> 20} MiB copy, read + write"
     del x, y
@@ -270,45 +220,15 @@ def measure_ceilings(dev: torch.device, quick: bool) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------------- main
-def _rel_err(out, ref) -> float:
+def _max_rel_err(out, ref) -> float:
+    """The largest ‖o − r‖/‖r‖ over the outputs (an op may return a tuple)."""
     outs = out if isinstance(out, tuple) else (out,)
     refs = ref if isinstance(ref, tuple) else (ref,)
-    errs = [
-        float((o.double() - r.double()).norm() / r.double().norm().clamp_min(1e-300))
-        for o, r in zip(outs, refs, strict=True)
-    ]
-    return max(errs)
+    return max(rel_err(o, r) for o, r in zip(outs, refs, strict=True))
 
 
-def _versions() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    parts = [f"fastinf {fastinf.__version__}+{commit or 'unknown'}", f"torch {torch.__version__}"]
-    if torch.version.cuda:
-        parts.append(f"cuda {torch.version.cuda}")
-    try:
-        import triton
-
-        parts.append(f"triton {triton.__version__}")
-    except Exception:  # noqa: BLE001
-        pass
-    return " ".join(parts)
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    cpu = platform.processor() or platform.machine()
-    return f"cpu ({cpu}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()})"
-
-
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small shapes (any machine); default CSV *_quick.csv")
     ap.add_argument("--ops", default="", help="comma list of substrings of op names (default: all)")
     ap.add_argument("--backends", default="torch,triton,cuda", help="comma list (unavailable ones are skipped)")
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
@@ -316,15 +236,23 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--min-reps", type=int, default=5)
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per row (after min-reps)")
-    ap.add_argument("--out", default=None, help="CSV path (overwritten)")
     ap.add_argument("--sweep", action="store_true", help="time Triton block-size configs instead (GPU; tuning)")
-    args = ap.parse_args(argv)
+    bu.add_output_args(ap, "bench_ops", quick_help="small shapes (any machine; always on a CPU)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with command-line arguments ``argv`` (None: ``sys.argv[1:]``); returns the exit status."""
+    args = bu.parse_args(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    bu.set_torch_threads()
     if args.sweep:
         return sweep(args)
 
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    quick = args.quick or dev.type == "cpu"
-    out_path = Path(args.out) if args.out else (QUICK_CSV if quick else DEFAULT_CSV)
+    args.quick = args.quick or dev.type == "cpu"
+    out_path = bu.output_path(args, "bench_ops")
     state = ops.backends()
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     backends = []
@@ -336,38 +264,28 @@ def main(argv=None) -> int:
             print(f"# skipping backend {b}: {why}", file=sys.stderr)
     dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
     filt = [s.strip() for s in args.ops.split(",") if s.strip()]
-    todo = [c for c in cases(quick) if not filt or any(f in c.op for f in filt)]
+    todo = [c for c in cases(args.quick) if not filt or any(f in c.op for f in filt)]
 
-    versions, date, device_name = (
-        _versions(),
-        datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        _device_name(dev),
-    )
-    print(f"# {device_name}; {versions}; backends {backends}", file=sys.stderr)
-    ceil = measure_ceilings(dev, quick)
+    rows = bu.RowBuilder(dev)
+    print(f"# {rows.device}; {rows.version}; backends {backends}", file=sys.stderr)
+    ceil = measure_ceilings(dev, args.quick)
     print(
         "# ceilings: "
         + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in ceil.items() if k.startswith("gemm_"))
         + f", copy {ceil['copy'] / 1e9:.0f} GB/s",
         file=sys.stderr,
     )
-    rows = []
     for k, v in ceil.items():
         if k == "what":
             continue
         is_gemm = k.startswith("gemm")
-        rows.append(
-            {
-                "op": f"ceiling_{k}",
-                "backend": "torch",
-                "shape": ceil["what"][k],
-                "device": device_name,
-                "tflops": f"{v / 1e12:.2f}" if is_gemm else "",
-                "gbps": "" if is_gemm else f"{v / 1e9:.1f}",
-                "version": versions,
-                "date": date,
-                "note": "measured in this run; the roofline of every row below",
-            }
+        rows.add(
+            op=f"ceiling_{k}",
+            backend="torch",
+            shape=ceil["what"][k],
+            tflops=v / 1e12 if is_gemm else None,
+            gbps=None if is_gemm else v / 1e9,
+            note="measured in this run; the roofline of every row below",
         )
     for case in todo:
         for dt in dtypes:
@@ -381,46 +299,31 @@ def main(argv=None) -> int:
             roof = max(case.flop / ceil[f"gemm_{dname}"], nbytes / ceil["copy"])
             ref_out, ref_med = None, None
             for b in backends:
-                row = {
-                    "op": case.op,
-                    "backend": b,
-                    "shape": case.shape,
-                    "dtype": dname,
-                    "device": device_name,
-                    "gflop": f"{case.flop / 1e9:.3f}",
-                    "gbytes": f"{nbytes / 1e9:.4f}",
-                    "roofline_ms": f"{roof * 1e3:.4f}",
-                    "version": versions,
-                    "date": date,
-                }
+                common = dict(op=case.op, backend=b, shape=case.shape, dtype=dname, roofline_s=roof)
+                common.update(gflop=case.flop / 1e9, gbytes=nbytes / 1e9)
                 try:
                     out = case.call(b, *inputs)
                     if b == "torch":
                         ref_out = out
-                    med, p20, p80, peak = time_fn(
-                        lambda b=b, c=case, a=inputs: c.call(b, *a), dev, warmup=args.warmup, min_reps=args.min_reps,
-                        budget=args.budget,
-                    )  # fmt: skip
+                    stats = _time(lambda b=b, c=case, a=inputs: c.call(b, *a), dev, args)
                 except Exception as e:  # noqa: BLE001 - a failing backend is a result too
-                    row["note"] = f"error: {type(e).__name__}: {str(e)[:300]}"
-                    rows.append(row)
+                    row = rows.add(**common, note=f"error: {type(e).__name__}: {str(e)[:300]}")
                     print(f"# {case.op} {case.shape} {dname} {b}: {row['note']}", file=sys.stderr)
                     continue
+                med = stats.median
                 if b == "torch":
                     ref_med = med
-                row.update(
-                    median_ms=f"{med * 1e3:.4f}",
-                    p20_ms=f"{p20 * 1e3:.4f}",
-                    p80_ms=f"{p80 * 1e3:.4f}",
-                    peak_mem_mb=f"{peak:.1f}",
-                    tflops=f"{case.flop / med / 1e12:.3f}",
-                    gbps=f"{nbytes / med / 1e9:.1f}",
-                    frac_roofline=f"{roof / med:.3f}",
-                    speedup_vs_torch=f"{ref_med / med:.2f}" if ref_med else "",
-                    max_rel_err=f"{_rel_err(out, ref_out):.2e}" if ref_out is not None else "",
-                    note=f"reps over {args.budget:.1f}s budget",
+                row = rows.add(
+                    **common,
+                    timing=stats,
+                    tflops=case.flop / med / 1e12,
+                    gbps=nbytes / med / 1e9,
+                    frac_roofline=roof / med,
+                    baseline="torch" if ref_med else None,
+                    speedup=ref_med / med if ref_med else None,
+                    max_rel_err=_max_rel_err(out, ref_out) if ref_out is not None else None,
+                    note=f"runs={len(stats.times)} over a {args.budget:.1f}s budget",
                 )
-                rows.append(row)
                 print(
                     f"{case.op:22s} {case.shape:34s} {dname:9s} {b:7s} {med * 1e3:10.3f} ms "
                     f"{case.flop / med / 1e12:8.2f} TFLOP/s {nbytes / med / 1e9:8.1f} GB/s "
@@ -430,14 +333,9 @@ def main(argv=None) -> int:
             del inputs, ref_out
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
-    print(f"# wrote {len(rows)} rows to {out_path}", file=sys.stderr)
-    print_goals(rows)
+    bu.write_csv(rows.rows, out_path, append=args.append)
+    print(f"# wrote {len(rows.rows)} rows to {out_path}", file=sys.stderr)
+    print_goals(rows.rows)
     return 0
 
 
@@ -448,27 +346,19 @@ def sweep(args) -> int:
     from fastinf.kernels.rrinf_row_updates import rrinf_row_updates_triton
 
     dev = torch.device("cuda")
-    out_path = Path(args.out) if args.out else HERE / "results" / "bench_ops_sweep.csv"
-    versions, date, device_name = (
-        _versions(),
-        datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        _device_name(dev),
-    )
-    rows = []
+    out_path = Path(args.out) if args.out else bu.RESULTS / "bench_ops_sweep.csv"
+    rows = bu.RowBuilder(dev)
 
     def run(case: Case, dt: torch.dtype, label: str, fn) -> None:
-        row = {"op": case.op, "backend": f"triton[{label}]", "shape": case.shape, "dtype": str(dt)[6:]}
-        row.update(device=device_name, version=versions, date=date)
+        common = dict(op=case.op, backend=f"triton[{label}]", shape=case.shape, dtype=str(dt)[6:])
         try:
-            med, p20, p80, peak = time_fn(fn, dev, warmup=args.warmup, min_reps=args.min_reps, budget=args.budget)
+            stats = _time(fn, dev, args)
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: a result of the sweep
-            row["note"] = f"error: {type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
+            row = rows.add(**common, note=f"error: {type(e).__name__}: {str(e)[:200]}")
             print(f"{case.op:22s} {label:48s} {row['note']}", flush=True)
             return
-        row.update(median_ms=f"{med * 1e3:.4f}", p20_ms=f"{p20 * 1e3:.4f}", p80_ms=f"{p80 * 1e3:.4f}")
-        row.update(tflops=f"{case.flop / med / 1e12:.3f}", peak_mem_mb=f"{peak:.1f}")
-        rows.append(row)
+        med = stats.median
+        rows.add(**common, timing=stats, tflops=case.flop / med / 1e12)
         print(f"{case.op:22s} {case.shape:30s} {label:48s} {med * 1e3:9.3f} ms {case.flop / med / 1e12:7.1f} TFLOP/s")
 
     bf = torch.bfloat16
@@ -506,13 +396,8 @@ def sweep(args) -> int:
             cfg = {"BLOCK_N": bn, "BLOCK_M": bm, "num_warps": w}
             run(case, torch.float32, f"BN{bn} BM{bm} w{w}",
                 lambda a=args_r, cfg=cfg: rrinf_row_updates_triton(*a, config=cfg))  # fmt: skip
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
-    print(f"# wrote {len(rows)} sweep rows to {out_path}", file=sys.stderr)
+    bu.write_csv(rows.rows, out_path, append=args.append)
+    print(f"# wrote {len(rows.rows)} sweep rows to {out_path}", file=sys.stderr)
     return 0
 
 
@@ -520,7 +405,7 @@ def print_goals(rows: list[dict]) -> None:
     """The kernels issue's speed goals, read off this run's rows (best kernel backend per row)."""
 
     def best(op, pred):
-        got = [r for r in rows if r["op"] == op and r["backend"] != "torch" and r.get("median_ms") and pred(r)]
+        got = [r for r in rows if r["op"] == op and r["backend"] != "torch" and r.get("median_s") and pred(r)]
         return got
 
     print("# goals (kernel rows of this run):")
@@ -528,9 +413,9 @@ def print_goals(rows: list[dict]) -> None:
     for r in di:
         print(f"#   datainf m>=64 >= 70% of roofline: {r['shape']} {r['dtype']} {r['backend']}: {r['frac_roofline']}")
     for r in best("rrinf_row_updates", lambda r: True):
-        print(f"#   rrinf >= 10x torch loop: {r['shape']} {r['dtype']} {r['backend']}: x{r['speedup_vs_torch']}")
+        print(f"#   rrinf >= 10x torch loop: {r['shape']} {r['dtype']} {r['backend']}: x{r['speedup']}")
     for r in best("lora_per_sample_grads", lambda r: True):
-        print(f"#   lora >= 2x unfused torch: {r['shape']} {r['dtype']} {r['backend']}: x{r['speedup_vs_torch']}")
+        print(f"#   lora >= 2x unfused torch: {r['shape']} {r['dtype']} {r['backend']}: x{r['speedup']}")
 
 
 if __name__ == "__main__":
