@@ -19,14 +19,22 @@ What users must know (the estimator does what the paper does; these are its prop
 * At the paper's settings (η = 0.01, T = 1000 ≪ D) the iterate is far from converged; to first
   order it is a coordinate-subsampled diagonal-Fisher influence, and it depends on the seed:
   report several seeds.
-* Zero rows are skipped (a step on a zero row is a no-op), never divided by zero.
+* Zero rows (coordinates with no gradient in any training example, e.g. ``lora_A`` while
+  ``lora_B = 0`` at initialisation) are never divided by zero: a step on a zero row has a zero data
+  term, but its regulariser still applies (METHODS.md §5), as the reference's update
+  ω ← ω − η[2eφ/‖φ‖² + 2λ̃ω] does for every drawn row. So the iteration converges to the same
+  weighted ridge problem (W = 0 on zero rows) that :class:`RRInfFixedPoint` solves. (Skipping the
+  whole step instead would shrink the regulariser to p·nλ, p the share of non-zero rows.)
 * The row-normalised data term does not change when all gradients are multiplied by c, but the
   'auto' λ grows with c², so RRInf and its fixed point (unlike exact, DataInf, LiSSA) are not
   invariant to the scale of the gradients: their ranking depends on the loss scale.
 
 Sampling modes: ``"neuron"`` (one coordinate per step), ``"minibatch"`` (``batch_size``
-coordinates per step, row terms averaged), ``"layer"`` (one block per step, all its rows, each
-normalised, averaged over the block's non-zero rows; regulariser nλ_l/D with a per-block λ_l).
+coordinates per step, row terms averaged over the batch, zero rows counting as zero), ``"layer"``
+(one block per step, all its rows, each normalised, averaged over the block's d_l rows like the
+reference's 2/d_l; regulariser nλ_l/D with a per-block λ_l; with ``damping="auto"`` an all-zero block
+gets λ_l = 0, so its steps are no-ops). The problem is global (one ω for all blocks): ``blockwise=True``
+is rejected.
 Draws are made once at ``fit`` from ``seed``; every later ``score`` reuses them.
 """
 
@@ -46,6 +54,38 @@ __all__ = ["RRInf", "RRInfFixedPoint"]
 _SAMPLING = ("neuron", "layer", "minibatch")
 
 
+def _reject_blockwise(blockwise: bool, who: str) -> None:
+    if blockwise:
+        raise ValueError(
+            f"{who}: blockwise=True is not supported (the ridge problem is global); "
+            "use sampling='layer' for per-block λ_l"
+        )
+
+
+def _layer_lambdas(est: Estimator) -> dict[str, float]:
+    """λ_l per block for layer sampling. With ``damping="auto"`` an all-zero block gets λ_l = 0 (its
+    steps do nothing); only when every block is zero is that an error."""
+    train = est.train_
+    if not isinstance(est.options.damping, str):
+        return {k: est.options.damping for k in train.names}
+    f = est.options.damping_factor
+    lam = {
+        k: f * float(torch.linalg.vector_norm(train[k], dim=1).double().square().sum()) / (train.n * train.dims[k])
+        for k in train.names
+    }
+    if not any(v > 0 for v in lam.values()):
+        raise ValueError(
+            f"{type(est).__name__}: the training gradients are all zero, so damping='auto' gives λ = 0; "
+            "pass an explicit damping"
+        )
+    return lam
+
+
+def _nonzero_rows(x: torch.Tensor) -> torch.Tensor:
+    """(d,) bool: which columns of an (n, d) block (rows φ_ι of Φ) are not all zero."""
+    return torch.linalg.vector_norm(x, dim=0) > 0
+
+
 @dataclass
 class RRInfOptions(EstimatorOptions):
     lr: float = field(default=0.01, metadata={"help": "learning rate η (paper: 0.01)"})
@@ -58,6 +98,7 @@ class RRInfOptions(EstimatorOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _reject_blockwise(self.blockwise, "RRInf")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not isinstance(self.iters, int) or self.iters < 1:
@@ -80,6 +121,7 @@ class RRInf(Estimator):
 
     name = "rrinf"
     Options = RRInfOptions
+    stochastic = True
 
     def _fit(self) -> None:
         o, train = self.options, self.train_
@@ -101,9 +143,10 @@ class RRInf(Estimator):
             if draws.numel() != o.iters or (draws.numel() and (draws.min() < 0 or draws.max() >= len(train.names))):
                 raise ValueError(f"need {o.iters} layer indices in [0, {len(train.names)})")
             self.layer_draws_ = draws.tolist()
+            lams = _layer_lambdas(self)
             self.layer_reg_, self.layer_inv_ = {}, {}
             for k in train.names:
-                self.layer_reg_[k] = n * self.damping_for([k]) / D
+                self.layer_reg_[k] = n * lams[k] / D
                 nsq = torch.linalg.vector_norm(train[k], dim=0).square()  # (d_l,): row norms of Φ_l
                 nz = nsq > 0
                 self.layer_inv_[k] = torch.where(nz, 1.0 / torch.where(nz, nsq, torch.ones_like(nsq)), 0.0)
@@ -115,7 +158,48 @@ class RRInf(Estimator):
         self.coords_ = draws
         self.block_of_, self.col_of_ = self._locate(draws)
         self.step_batch_ = b
+        self._zero_row_steps(draws, b)
         return self
+
+    def _zero_row_steps(self, draws: torch.Tensor, b: int) -> None:
+        """Per-step factors that keep the regulariser on steps that draw zero rows (METHODS.md §5).
+
+        ``rrinf_row_updates`` averages the row term over the step's *non-zero* rows and skips a step
+        whose rows are all zero, regulariser included. The step wanted here is
+        Ω ← (1 − 2η·reg) Ω − η (c/b) Ā(Ω), Ā the average over the c non-zero rows of the b drawn. With
+        Ω = s·Ω̃ it is the kernel's step on Ω̃ with learning rate η c/(b f), targets Υ/s and
+        s ← s·f, f = 1 − 2η·reg·(1 − c/b) (f = 1 when no row of the step is zero). Sets
+        ``step_factor_`` (f, float64) and ``step_lr_`` (the kernel's learning rates), or None for both
+        when no drawn row is zero (then the kernel runs unchanged).
+        """
+        nz = torch.cat([_nonzero_rows(self.train_[k]).cpu() for k in self.train_.names])  # (D,)
+        c = nz[draws].reshape(-1, b).sum(1).double()  # non-zero rows per step
+        if bool((c == b).all()):
+            self.step_factor_ = self.step_lr_ = None
+            return
+        f = 1.0 - 2.0 * self.lrs_ * self.reg_ * (1.0 - c / b)
+        if not bool((f > 0).all()):
+            raise ValueError(
+                "RRInf: lr × damping too large: 2·lr·nλ/D ≥ 1 on a step that draws zero rows "
+                "(the regulariser alone overshoots); lower lr or damping"
+            )
+        self.step_factor_ = f
+        self.step_lr_ = torch.where(c > 0, self.lrs_ * c / (b * f), self.lrs_)
+
+    def _segments(self, steps_per_seg: int) -> list[tuple[int, int]]:
+        """Step ranges processed per kernel call; with zero-row factors a range also ends before the
+        running scale s would drop below e⁻²⁰ (so Υ/s stays far from overflow)."""
+        iters = self.options.iters
+        if self.step_factor_ is None:
+            return [(s0, min(s0 + steps_per_seg, iters)) for s0 in range(0, iters, steps_per_seg)]
+        neg_cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(-torch.log(self.step_factor_), 0)])
+        out, s0 = [], 0
+        while s0 < iters:
+            last = int(torch.searchsorted(neg_cum, neg_cum[s0] + 20.0, right=True)) - 1  # last t: s_t ≥ e⁻²⁰
+            s1 = min(s0 + steps_per_seg, iters, last + 1)
+            out.append((s0, s1))
+            s0 = s1
+        return out
 
     _SEGMENT_ROWS = 1 << 22  # drawn rows gathered at once: segment × n ≤ 4M entries
 
@@ -136,8 +220,18 @@ class RRInf(Estimator):
         col = coords - (ends - dims)[block]
         return block, col
 
+    def omega(self, test: GradientSet | torch.Tensor) -> torch.Tensor:
+        """Ω (n, m) after all ``iters`` steps for the tests in ``test``: column j is ω for test j, the
+        iterate of the ridge problem with Υ = −n T (see the module docstring). ``score(test) = omega(test).T``.
+        """
+        return self._omega(self._prep_test(test))
+
+    def preconditioned_test(self, test: GradientSet | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Not defined for RRInf: its iterate is not a fixed preconditioner applied to t. Use :meth:`omega`."""
+        raise NotImplementedError("RRInf has no preconditioned test vectors; use omega(test) (n, m) or score(test)")
+
     def _omega(self, test: GradientSet) -> torch.Tensor:
-        """Ω (n, m) after all steps, for the tests in ``test``."""
+        """Ω (n, m) after all steps, for the (prepared) tests in ``test``."""
         o, train = self.options, self.train_
         m = test.n
         omega = torch.zeros(self.n_, m, dtype=self.compute_dtype_, device=train.device)
@@ -146,21 +240,25 @@ class RRInf(Estimator):
             # stream over segments of steps so that memory stays O(segment · n), whatever `iters` is
             b = self.step_batch_
             steps_per_seg = max(1, self._SEGMENT_ROWS // (b * max(self.n_ + m, 1)))
-            for s0 in range(0, o.iters, steps_per_seg):
-                s1 = min(s0 + steps_per_seg, o.iters)
+            for s0, s1 in self._segments(steps_per_seg):
                 rows = self._gather(train, s0 * b, s1 * b)
                 targets = self._gather(test, s0 * b, s1 * b).mul_(-self.n_)  # Υ = −n T
-                omega = rrinf_row_updates(rows, targets, omega, lrs[s0:s1], self.reg_, b, backend=o.backend)
+                if self.step_factor_ is None:
+                    omega = rrinf_row_updates(rows, targets, omega, lrs[s0:s1], self.reg_, b, backend=o.backend)
+                    continue
+                # zero rows drawn: run the kernel on Ω̃ = Ω/s (see _zero_row_steps)
+                f = self.step_factor_[s0:s1]
+                s_t = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(f, 0)[:-1]])  # s before step t
+                targets.div_(s_t.repeat_interleave(b)[:, None].to(device=targets.device, dtype=targets.dtype))
+                step_lr = self.step_lr_[s0:s1].to(device=train.device, dtype=self.compute_dtype_)
+                omega = rrinf_row_updates(rows, targets, omega, step_lr, self.reg_, b, backend=o.backend)
+                omega.mul_(float(torch.prod(f)))
             return omega
         for t, bi in enumerate(self.layer_draws_):
             k = train.names[bi]
-            inv = self.layer_inv_[k]
-            cnt = int((inv > 0).sum())
-            if cnt == 0:
-                continue
             X = train[k]  # (n, d_l); Φ_l = Xᵀ
             E = X.T @ omega + self.n_ * test[k].T  # Φ_l Ω − Υ_l, (d_l, m)
-            upd = (X @ (E * inv[:, None])).mul_(2.0 / cnt)
+            upd = (X @ (E * self.layer_inv_[k][:, None])).mul_(2.0 / X.shape[1])  # zero rows: inv = 0
             upd.add_(omega, alpha=2.0 * self.layer_reg_[k])
             omega.sub_(upd, alpha=float(lrs[t]))
         return omega
@@ -203,6 +301,7 @@ class RRInfFixedPointOptions(EstimatorOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _reject_blockwise(self.blockwise, "RRInfFixedPoint")
         if self.sampling not in _SAMPLING:
             raise ValueError(f"sampling must be one of {_SAMPLING}, got {self.sampling!r}")
         if self.solve not in ("auto", "n", "d"):
@@ -220,7 +319,13 @@ class RRInfFixedPoint(Estimator):
 
     with λ̄ = nλ/D (neuron) or mean_l nλ_l/D (layer). For neuron sampling this is
     (ΦᵀWΦ + nλI)⁻¹ΦᵀWυ, W = diag(1/‖φ_ι‖²). It is computed as ``Exact`` on coordinate-rescaled
-    gradients g̃_ι = g_ι·√(D a_ι)/‖φ_ι‖ with λ' = D λ̄ / n (zero rows get weight 0). Float64 by default.
+    gradients g̃_ι = g_ι·√(D a_ι)/‖φ_ι‖ with λ' = D λ̄ / n. Float64 by default.
+
+    Zero rows get W = 0 but keep their sampling weight in the regulariser: the sum runs over all D
+    coordinates (a_ι = 1/D, or 1/(L·d_l) in layer mode, zero rows included). This is the problem
+    :class:`RRInf` iterates on (its zero-row steps apply the regulariser, METHODS.md §5) and what the
+    reference's update does on every drawn row; an all-zero block in layer mode has λ_l = 0 under
+    ``damping="auto"``.
     """
 
     name = "rrinf_fixed_point"
@@ -239,7 +344,7 @@ class RRInfFixedPoint(Estimator):
             nz = nsq > 0
             self.coord_scale_[k] = torch.where(nz, torch.sqrt(D * a / torch.where(nz, nsq, torch.ones_like(nsq))), 0.0)
         if o.sampling == "layer":
-            lam_bar = sum(n * self.damping_for([k]) / D for k in train.names) / L
+            lam_bar = sum(n * lam / D for lam in _layer_lambdas(self).values()) / L
         else:
             lam_bar = n * self.damping_for(train.names) / D
         self.lambda_eff_ = D * lam_bar / n
@@ -247,12 +352,25 @@ class RRInfFixedPoint(Estimator):
             {k: train[k] * self.coord_scale_[k].to(train[k].dtype) for k in train.names}, validate=False
         )
         self.exact_ = Exact(
-            damping=self.lambda_eff_, blockwise=False, solve=o.solve, dtype=self.compute_dtype_, backend=o.backend
+            damping=self.lambda_eff_,
+            blockwise=False,
+            solve=o.solve,
+            dtype=self.compute_dtype_,
+            backend=o.backend,
+            chunk_size=o.chunk_size,
         ).fit(scaled)
 
     def _test_side(self, test: GradientSet) -> dict[str, torch.Tensor]:
         scaled = GradientSet({k: test[k] * self.coord_scale_[k] for k in test.names}, validate=False)
         return self.exact_._test_side(scaled)
+
+    def preconditioned_test(self, test: GradientSet | torch.Tensor) -> dict[str, torch.Tensor]:
+        """h_l(t) with ``score(test) = −Σ_l h_l Φ_lᵀ`` against the raw training gradients: name -> (m, d_l).
+
+        With S = diag(√(D a_ι)/‖φ_ι‖) the coordinate scaling and G̃ = S G S: h(t) = S (G̃ + λ'I)⁻¹ S t.
+        """
+        test = self._prep_test(test)
+        return {k: v * self.coord_scale_[k] for k, v in self._test_side(test).items()}
 
     def _train_side(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.exact_._train_side(name, start, stop)

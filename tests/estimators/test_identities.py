@@ -233,17 +233,7 @@ def test_fixed_point_matches_weighted_ridge_formula(small_problem):
     _close(RRInfFixedPoint().fit(train).score(test), omega.T)
 
 
-def test_rrinf_skips_zero_rows():
-    X = torch.randn(5, 8, dtype=torch.float64)
-    X[:, :4] = 0.0  # like lora_A columns while lora_B = 0
-    train = GradientSet({"a": X})
-    test = GradientSet({"a": torch.randn(2, 8, dtype=torch.float64)})
-    for mode in ("neuron", "layer", "minibatch"):
-        kw = {"batch_size": 3} if mode == "minibatch" else {}
-        s = RRInf(sampling=mode, iters=200, **kw).fit(train).score(test)
-        assert torch.isfinite(s).all() and s.abs().sum() > 0
-    fp = RRInfFixedPoint().fit(train).score(test)
-    assert torch.isfinite(fp).all()
+# zero rows: tests/estimators/test_rrinf.py (convergence to the fixed point, step-by-step loop)
 
 
 def test_rrinf_layer_mode_matches_loop():
@@ -324,3 +314,47 @@ def test_rrinf_streams_draws_in_segments(small_problem, monkeypatch):
     monkeypatch.setattr(RRInf, "_SEGMENT_ROWS", 40)  # forces many segments of a few steps
     got = RRInf(iters=300, sampling="minibatch", batch_size=3).fit(train).score(test)
     _close(got, ref, 1e-12)
+
+
+# ----------------------------------------------------------------------------------- preconditioned_test
+def _expected_h(method, train, test):
+    """Independent h(t) (m, D) with score = −h Φᵀ, from METHODS.md, on the concatenated blocks."""
+    n, X, T = train.n, train.matrix(), test.matrix()
+    D = X.shape[1]
+    lam = auto_lambda(train, train.names)
+    eye = torch.eye(D, dtype=torch.float64)
+    if method == "hessian_free":
+        return T
+    if method == "diagonal_fisher":
+        return T / (X.pow(2).mean(0) + lam)
+    if method == "exact":
+        return torch.linalg.solve(X.T @ X / n + lam * eye, T.T).T
+    if method in ("datainf", "lissa"):  # block-wise (their default)
+        out = []
+        for k in train.names:
+            G, Tk, lk = train[k], test[k], auto_lambda(train, [k])
+            if method == "datainf":
+                C = (Tk @ G.T) / (lk + G.pow(2).sum(1))
+                out.append((n * Tk - C @ G) / (n * lk))
+            else:
+                out.append(torch.linalg.solve(G.T @ G / n + lk * torch.eye(G.shape[1], dtype=torch.float64), Tk.T).T)
+        return torch.cat(out, 1)
+    if method == "rrinf_fixed_point":  # h = n W½ (W½ΦΦᵀW½ + nλI)⁻¹ W½ t, W = diag(1/‖φ_ι‖²) (push-through of §5)
+        w = X.pow(2).sum(0).rsqrt()
+        M = w[:, None] * (X.T @ X) * w[None, :] + n * lam * eye
+        return n * (w[:, None] * torch.linalg.solve(M, (w[:, None] * T.T))).T
+    raise AssertionError(method)
+
+
+@pytest.mark.parametrize(
+    "method", ["hessian_free", "diagonal_fisher", "datainf", "lissa", "exact", "rrinf_fixed_point"]
+)
+def test_preconditioned_test_is_the_methods_preconditioner(small_problem, method):
+    train, test = small_problem
+    opts = {"tol": 1e-10, "depth": 200000} if method == "lissa" else {}
+    est = fastinf.get_estimator(method, **opts).fit(train)
+    h = est.preconditioned_test(test)
+    assert list(h) == train.names and all(h[k].shape == (test.n, train.dims[k]) for k in train.names)
+    got = torch.cat([h[k] for k in train.names], 1)
+    _close(got, _expected_h(method, train, test), 1e-8)
+    _close(-sum(h[k] @ train[k].T for k in train.names), est.score(test), 1e-9)
