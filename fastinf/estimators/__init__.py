@@ -1,6 +1,17 @@
-"""Gradient-based influence estimators (METHODS.md §1–6), one module per method."""
+"""Influence estimators, one module per method: gradient-based (METHODS.md §1–6) and from loss traces
+(§7–8). The registry (:func:`available_methods`, :func:`method_info`) knows each method's facts."""
 
-from .base import Estimator, EstimatorOptions, available_methods, get_estimator, influence
+from .base import (
+    BaseEstimator,
+    Estimator,
+    EstimatorOptions,
+    MethodInfo,
+    TraceEstimator,
+    available_methods,
+    get_estimator,
+    influence,
+    method_info,
+)
 from .bif import BIF
 from .datainf import DataInf
 from .exact import Exact
@@ -11,6 +22,10 @@ from .z0inf import Z0Inf
 
 __all__ = [
     "BIF",
+    "BaseEstimator",
+    "MethodInfo",
+    "TraceEstimator",
+    "method_info",
     "Z0Inf",
     "DataInf",
     "DiagonalFisher",

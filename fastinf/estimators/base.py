@@ -1,13 +1,20 @@
-"""Common machinery of the gradient-based estimators: options, damping, scoring, top-k, registry.
+"""Common machinery of the estimators: registry and method facts, options, damping, scoring, top-k.
 
-Every gradient-based estimator of METHODS.md §1–6 is *linear* in the test gradient:
+Every estimator derives from :class:`BaseEstimator`, which holds the facts the registry reports
+(``input_kind``, ``uses_damping``, ``stochastic``: see :func:`method_info`), option validation and
+``__repr__``, and fixes the public protocol: ``fit(train)``, ``score(test, reduce=None|"mean"|"sum")``,
+``topk(test, k)``, ``self_influence()``. Two bases implement it:
 
-    I(i, j) = − Σ_l ⟨ a_l(t_j), b_l(g_i) ⟩
+* :class:`Estimator` — gradient-based methods (METHODS.md §1–6), input ``GradientSet``. Each is
+  *linear* in the test gradient,
 
-with a "test side" a_l (a preconditioner applied to the test vectors, e.g. DataInf's h_l or LiSSA's
-recursion) and a "train side" b_l (the training gradients, or training gradients preconditioned at
-fit time, e.g. Exact's (G + λI)⁻¹ g_i). ``score`` and ``topk`` are built on those two sides: ``topk``
-walks over chunks of training examples and never forms the (m, n) matrix.
+      I(i, j) = − Σ_l ⟨ a_l(t_j), b_l(g_i) ⟩,
+
+  with a "test side" a_l (a preconditioner applied to the test vectors, e.g. DataInf's h_l or LiSSA's
+  recursion) and a "train side" b_l (the training gradients, or training gradients preconditioned at
+  fit time). ``score`` and ``topk`` are built on those two sides: ``topk`` walks over chunks of
+  training examples and never forms the (m, n) matrix.
+* :class:`TraceEstimator` — zeroth-order methods on loss traces (METHODS.md §7–8), input ``LossTrace``.
 """
 
 from __future__ import annotations
@@ -21,23 +28,43 @@ from typing import Any, ClassVar
 import torch
 
 from ..gradients.gradient_set import GradientSet, align_test
+from ..traces.loss_trace import LossTrace
 
 log = logging.getLogger("fastinf")
 
 __all__ = [
+    "INPUT_KINDS",
+    "BaseEstimator",
     "Estimator",
     "EstimatorOptions",
+    "MethodInfo",
+    "TraceEstimator",
     "available_methods",
     "get_estimator",
     "influence",
+    "method_info",
     "register",
 ]
 
-_REGISTRY: dict[str, type[Estimator]] = {}
+INPUT_KINDS = ("gradients", "traces")
+
+_REGISTRY: dict[str, type[BaseEstimator]] = {}
 
 
-def register(cls: type[Estimator]) -> type[Estimator]:
-    """Class decorator: make an estimator reachable by its canonical ``name``."""
+def register(cls: type[BaseEstimator]) -> type[BaseEstimator]:
+    """Class decorator: make an estimator reachable by its canonical ``name``.
+
+    Checks that the class states its facts: a non-empty ``name``, ``input_kind`` in
+    :data:`INPUT_KINDS`, boolean ``uses_damping`` / ``stochastic``, and a dataclass ``Options``.
+    """
+    if not cls.name:
+        raise TypeError(f"{cls.__name__}: an estimator needs a non-empty class attribute 'name'")
+    if cls.input_kind not in INPUT_KINDS:
+        raise TypeError(f"{cls.__name__}: input_kind must be one of {INPUT_KINDS}, got {cls.input_kind!r}")
+    if not isinstance(cls.uses_damping, bool) or not isinstance(cls.stochastic, bool):
+        raise TypeError(f"{cls.__name__}: uses_damping and stochastic must be bools")
+    if not dataclasses.is_dataclass(cls.Options):
+        raise TypeError(f"{cls.__name__}: Options must be a dataclass")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -55,15 +82,45 @@ _CANONICAL_ORDER = [
 ]
 
 
-def available_methods() -> list[str]:
-    """Canonical names of the implemented methods (usable in :func:`influence` and the CLI)."""
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the registry knows about one method (the class's own facts; see :func:`method_info`)."""
+
+    name: str  # canonical name, as in influence(method=...) and the CLI
+    cls: type  # the estimator class
+    input_kind: str  # "gradients" (GradientSet) or "traces" (LossTrace)
+    uses_damping: bool  # whether the scores depend on the damping λ (the `damping` option)
+    stochastic: bool  # whether the scores depend on the `seed` option (report seed variance)
+    options: tuple[str, ...]  # names of the constructor options (the Options dataclass fields)
+
+
+def _key(method: str) -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str, got {type(method).__name__}")
+    return method.strip().lower().replace("-", "_")
+
+
+def available_methods(input_kind: str | None = None) -> list[str]:
+    """Canonical names of the implemented methods (usable in :func:`influence` and the CLI), in the
+    canonical order. ``input_kind="gradients"`` or ``"traces"`` keeps only the methods of that input."""
+    if input_kind is not None and input_kind not in INPUT_KINDS:
+        raise ValueError(f"input_kind must be None, 'gradients' or 'traces', got {input_kind!r}")
     rank = {k: i for i, k in enumerate(_CANONICAL_ORDER)}
-    return sorted(_REGISTRY, key=lambda k: (rank.get(k, len(rank)), k))
+    names = sorted(_REGISTRY, key=lambda k: (rank.get(k, len(rank)), k))
+    return [k for k in names if input_kind is None or _REGISTRY[k].input_kind == input_kind]
 
 
-def get_estimator(method: str, **options: Any) -> Estimator:
+def method_info(name: str) -> MethodInfo:
+    """The registry's facts about a method (``"datainf"``, ``"rrinf"``, ``"z0inf"``, ...)."""
+    key = _key(name)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {available_methods()}")
+    return _REGISTRY[key].info()
+
+
+def get_estimator(method: str, **options: Any) -> BaseEstimator:
     """An estimator instance by canonical name (``"datainf"``, ``"exact"``, ...)."""
-    key = method.strip().lower().replace("-", "_")
+    key = _key(method)
     if key not in _REGISTRY:
         raise ValueError(f"unknown method {method!r}; available: {available_methods()}")
     return _REGISTRY[key](**options)
@@ -137,10 +194,97 @@ class EstimatorOptions:
             raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
 
 
-class Estimator:
-    """Base class. Subclasses set ``name``, ``Options`` and implement ``_fit`` and the two sides."""
+_REDUCE = (None, "mean", "sum")
+
+
+def _check_reduce(reduce: Any) -> None:
+    if reduce not in _REDUCE:
+        raise ValueError(f"reduce must be None, 'mean' or 'sum', got {reduce!r}")
+
+
+def _reduce(scores: torch.Tensor, reduce: str | None) -> torch.Tensor:
+    """(m, n) scores -> as is (None), mean over tests ("mean", (n,)) or sum over tests ("sum", (n,))."""
+    _check_reduce(reduce)
+    if reduce is None:
+        return scores
+    return scores.mean(0) if reduce == "mean" else scores.sum(0)
+
+
+class BaseEstimator:
+    """Root of every estimator: the registry facts, option handling and the public protocol.
+
+    Class facts (read by :func:`method_info` and :func:`available_methods`):
+
+    * ``name`` — canonical method name;
+    * ``input_kind`` — ``"gradients"`` (fit/score take a ``GradientSet`` or an (n, D) tensor) or
+      ``"traces"`` (a ``LossTrace`` or a (T, n) tensor of losses);
+    * ``uses_damping`` — whether the scores depend on the damping λ;
+    * ``stochastic`` — whether the scores depend on the ``seed`` option;
+    * ``Options`` — the validated options dataclass (constructor keywords are its fields).
+
+    Protocol: ``fit(train) -> self``; ``score(test, *, reduce=None)`` → (m, n), or (n,) for
+    ``reduce="mean"`` / ``"sum"``; ``topk(test, k, *, largest=True)`` → (values (m, k), indices (m, k));
+    ``self_influence()`` → (n,). Positive = harmful for every method (METHODS.md §0).
+    """
 
     name: ClassVar[str] = ""
+    input_kind: ClassVar[str] = ""
+    uses_damping: ClassVar[bool] = False
+    stochastic: ClassVar[bool] = False
+    Options: ClassVar[type] = object
+
+    def __init__(self, **options: Any) -> None:
+        valid = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; valid options: {sorted(valid)}")
+        self.options = self.Options(**options)
+        self.train_: Any = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+    @classmethod
+    def info(cls) -> MethodInfo:
+        """The class's registry facts as a :class:`MethodInfo`."""
+        return MethodInfo(
+            name=cls.name,
+            cls=cls,
+            input_kind=cls.input_kind,
+            uses_damping=cls.uses_damping,
+            stochastic=cls.stochastic,
+            options=tuple(f.name for f in dataclasses.fields(cls.Options)),
+        )
+
+    def _check_fitted(self) -> Any:
+        if self.train_ is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(train) first")
+        return self.train_
+
+    @staticmethod
+    def _check_k(k: Any, n: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
+
+    def fit(self, train: Any) -> BaseEstimator:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def score(self, test: Any, *, reduce: str | None = None) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def topk(self, test: Any, k: int, *, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def self_influence(self) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class Estimator(BaseEstimator):
+    """Base of the gradient-based estimators. Subclasses set ``name``, ``Options`` and the facts, and
+    implement ``_fit`` and the two sides."""
+
+    input_kind: ClassVar[str] = "gradients"
+    uses_damping: ClassVar[bool] = True
     Options: ClassVar[type[EstimatorOptions]] = EstimatorOptions
     requires_positive_damping: ClassVar[bool] = True
     default_dtype: ClassVar[torch.dtype | None] = None  # None: input promoted to float32
@@ -149,17 +293,10 @@ class Estimator:
     cast_storage: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
-        valid = {f.name for f in dataclasses.fields(self.Options)}
-        unknown = sorted(set(options) - valid)
-        if unknown:
-            raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; valid options: {sorted(valid)}")
-        self.options = self.Options(**options)
+        super().__init__(**options)
         if self.requires_positive_damping and self.options.damping == 0.0:
             raise ValueError(f"{type(self).__name__}: damping must be > 0 (it divides by λ)")
         self.train_: GradientSet | None = None
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.options})"
 
     # ------------------------------------------------------------------------- fitting
     def fit(self, train: GradientSet | torch.Tensor) -> Estimator:
@@ -191,11 +328,6 @@ class Estimator:
         if self.default_dtype is not None:
             return self.default_dtype
         return torch.promote_types(train.dtype, torch.float32)
-
-    def _check_fitted(self) -> GradientSet:
-        if self.train_ is None:
-            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(train) first")
-        return self.train_
 
     def _prep_test(self, test: GradientSet | torch.Tensor) -> GradientSet:
         train = self._check_fitted()
@@ -266,6 +398,17 @@ class Estimator:
         return max(256, min(self.n_, (1 << 24) // max(m, 1)))
 
     # ------------------------------------------------------------------------- public API
+    def preconditioned_test(self, test: GradientSet | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Preconditioned test vectors h_l(t_j), per block: name -> (m, d_l) in the compute dtype.
+
+        They are defined by ``score(test) = −Σ_l h_l Φ_lᵀ`` with Φ_l (n, d_l) the training gradients of
+        block l, i.e. h(t) = P t for the method's preconditioner P: t (Hessian-free; t/n with
+        ``normalize=True``), t/(diag G + λ) (diagonal Fisher), DataInf's h_l(t) (METHODS.md §3),
+        LiSSA's r_K/s (§4), (G + λI)⁻¹ t (Exact, §1), the weighted-ridge preconditioner (RRInfFixedPoint).
+        These are the reference engines' ``hvp_dict`` entries.
+        """
+        return self._test_side(self._prep_test(test))
+
     def score(self, test: GradientSet | torch.Tensor, *, reduce: str | None = None) -> torch.Tensor:
         """Influence of every training example on every test example.
 
@@ -273,8 +416,7 @@ class Estimator:
         ``reduce="mean"`` (influence on the mean test loss) / ``"sum"``. Positive = harmful.
         """
         test = self._prep_test(test)
-        if reduce not in (None, "mean", "sum"):
-            raise ValueError(f"reduce must be None, 'mean' or 'sum', got {reduce!r}")
+        _check_reduce(reduce)
         if reduce is not None:
             m = test.n
             test = test.mean()
@@ -294,9 +436,7 @@ class Estimator:
         Returns ``(values (m, k), indices (m, k))`` sorted like ``torch.topk``.
         """
         test = self._prep_test(test)
-        n = self.n_
-        if not isinstance(k, int) or not 1 <= k <= n:
-            raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
+        self._check_k(k, self.n_)
         return self._topk(test, k, largest)
 
     def _topk(self, test: GradientSet, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,3 +463,53 @@ class Estimator:
                 acc = v if acc is None else acc + v
             out.append(-acc)
         return torch.cat(out)
+
+
+class TraceEstimator(BaseEstimator):
+    """Base of the estimators that work on :class:`LossTrace` (no gradients): Z0-Inf, BIF.
+
+    Subclasses implement ``fit`` and ``_score_cols(test, start, stop)`` (the (m, stop − start) scores of
+    training columns start..stop); ``score`` and ``topk`` are built on it.
+    """
+
+    input_kind: ClassVar[str] = "traces"
+    uses_damping: ClassVar[bool] = False
+    stochastic: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.train_: LossTrace | None = None
+
+    @staticmethod
+    def _coerce(t: Any, what: str) -> LossTrace:
+        if isinstance(t, LossTrace):
+            return t
+        if isinstance(t, torch.Tensor):
+            return LossTrace(t)
+        raise TypeError(f"{what} must be a LossTrace (or a (T, n) tensor of losses), got {type(t).__name__}")
+
+    def _check_fitted(self) -> LossTrace:
+        if getattr(self, "train_", None) is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(train_trace) first")
+        return self.train_
+
+    def _score_cols(self, test: Any, start: int, stop: int) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def score(self, test: Any, *, reduce: str | None = None) -> torch.Tensor:
+        """(m, n) scores of every query against every training example; ``reduce="mean"`` (or ``"sum"``)
+        aggregates over the m queries → (n,). Positive = harmful."""
+        _check_reduce(reduce)
+        return _reduce(self._score_cols(test, 0, self._check_fitted().n), reduce)
+
+    def topk(self, test: Any, k: int, *, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """k largest (smallest) scores per query, in chunks of training examples: (values (m, k), indices (m, k))."""
+        train = self._check_fitted()
+        self._check_k(k, train.n)
+        test = self._coerce(test, "test")
+        vals = idx = None
+        chunk = max(1, (1 << 24) // max(test.n, 1))
+        for s in range(0, train.n, chunk):
+            e = min(s + chunk, train.n)
+            vals, idx = merge_topk(vals, idx, self._score_cols(test, s, e), s, k, largest)
+        return vals, idx

@@ -18,41 +18,10 @@ import torch
 from ..ops import trace_cov
 from ..ops.trace_cov import CoMoments
 from ..traces.loss_trace import LossTrace
-from .base import merge_topk, register
+from .base import TraceEstimator, register
 
+# TraceEstimator lives in base.py (shared with the gradient estimators' registry facts); re-exported here
 __all__ = ["BIF", "TraceEstimator"]
-
-
-class TraceEstimator:
-    """Base of the estimators that work on :class:`LossTrace` (no gradients)."""
-
-    name = ""
-
-    @staticmethod
-    def _coerce(t: Any, what: str) -> LossTrace:
-        if isinstance(t, LossTrace):
-            return t
-        if isinstance(t, torch.Tensor):
-            return LossTrace(t)
-        raise TypeError(f"{what} must be a LossTrace (or a (T, n) tensor of losses), got {type(t).__name__}")
-
-    def _check_fitted(self) -> LossTrace:
-        if getattr(self, "train_", None) is None:
-            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(train_trace) first")
-        return self.train_
-
-    def topk(self, test: Any, k: int, *, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """k largest (smallest) scores per query, in chunks of training examples."""
-        train = self._check_fitted()
-        if not isinstance(k, int) or not 1 <= k <= train.n:
-            raise ValueError(f"k must be an int in [1, n={train.n}], got {k!r}")
-        test = self._coerce(test, "test")
-        vals = idx = None
-        chunk = max(1, (1 << 24) // max(test.n, 1))
-        for s in range(0, train.n, chunk):
-            e = min(s + chunk, train.n)
-            vals, idx = merge_topk(vals, idx, self._score_cols(test, s, e), s, k, largest)
-        return vals, idx
 
 
 @dataclass
@@ -73,14 +42,7 @@ class BIF(TraceEstimator):
     """BIF from posterior loss traces: ``BIF().fit(traces["train"]).score(traces["test"])``."""
 
     name = "bif"
-
-    def __init__(self, **options: Any) -> None:
-        valid = set(BIFOptions.__dataclass_fields__)
-        unknown = sorted(set(options) - valid)
-        if unknown:
-            raise TypeError(f"BIF: unknown option(s) {unknown}; valid options: {sorted(valid)}")
-        self.options = BIFOptions(**options)
-        self.train_: LossTrace | None = None
+    Options = BIFOptions
 
     @staticmethod
     def _centred(tr: LossTrace) -> torch.Tensor:
@@ -110,18 +72,13 @@ class BIF(TraceEstimator):
         return self._centred(test)
 
     def score(self, test: Any, *, reduce: str | None = None) -> torch.Tensor:
-        """(m, n) = −Cov(L_j, L_i) over draws (or −correlation); ``reduce="mean"`` → (n,)."""
-        Y = self._prep(test)
-        out = trace_cov(self._X, Y, self.options.normalize, backend=self.options.backend, block=self.options.block)
-        if reduce is None:
-            return out
-        if reduce == "mean":
-            return out.mean(0)
-        raise ValueError(f"reduce must be None or 'mean', got {reduce!r}")
+        """(m, n) = −Cov(L_j, L_i) over draws (or −correlation); ``reduce="mean"`` (``"sum"``) → (n,)."""
+        return super().score(test, reduce=reduce)
 
     def _score_cols(self, test: Any, start: int, stop: int) -> torch.Tensor:
         Y = self._prep(test)
-        return trace_cov(self._X[:, start:stop], Y, self.options.normalize, backend=self.options.backend)
+        X = self._X if (start, stop) == (0, self._X.shape[1]) else self._X[:, start:stop]
+        return trace_cov(X, Y, self.options.normalize, backend=self.options.backend, block=self.options.block)
 
     def self_influence(self) -> torch.Tensor:
         """−Var(L_i) over draws (−1 when normalize=True)."""

@@ -23,6 +23,7 @@ class HessianFree(Estimator):
 
     name = "hessian_free"
     Options = HessianFreeOptions
+    uses_damping = False
     requires_positive_damping = False
 
     def _test_side(self, test: GradientSet) -> dict[str, torch.Tensor]:

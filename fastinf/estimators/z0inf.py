@@ -9,7 +9,8 @@ embedding e(z) = concat_t R_t δ_t(z) / √T (δ_t(z)_s = L[t, z] − L[s, z]) g
 GEMM with inner size Σ_t K_t ≤ T·K.
 
 ``score`` returns −Z (Z > 0 = aligned loss changes = a proponent), so positive = harmful as for
-every fastinf estimator; ``self_influence`` likewise returns −Σ_t ‖ĝ_t‖² ("fd") or −Var_t(L) ("var").
+every fastinf estimator; ``self_influence`` likewise returns −Σ_t ‖ĝ_t‖² ("fd"), −Var_t(L) ("var"), or
+the reference code's finite-difference self-influence, negated ("reference"; see its docstring).
 
 Options from the reference code (facebookresearch/z0inf): ``center_losses`` (subtract each
 checkpoint row's mean over the set's examples before differencing), ``weight_by_correlation``
@@ -30,8 +31,7 @@ from typing import Any
 import torch
 
 from ..traces.loss_trace import LossTrace
-from .base import register
-from .bif import TraceEstimator
+from .base import TraceEstimator, register
 
 __all__ = ["Z0Inf", "neighbor_sets", "spearman_matrix"]
 
@@ -108,14 +108,7 @@ class Z0Inf(TraceEstimator):
     """Z0-Inf: ``Z0Inf().fit(LossTrace(L_train, gram)).score(LossTrace(L_test))`` → (m, n) = −Z."""
 
     name = "z0inf"
-
-    def __init__(self, **options: Any) -> None:
-        valid = set(Z0InfOptions.__dataclass_fields__)
-        unknown = sorted(set(options) - valid)
-        if unknown:
-            raise TypeError(f"Z0Inf: unknown option(s) {unknown}; valid options: {sorted(valid)}")
-        self.options = Z0InfOptions(**options)
-        self.train_: LossTrace | None = None
+    Options = Z0InfOptions
 
     def fit(self, train: Any) -> Z0Inf:
         train = self._coerce(train, "train")
@@ -180,16 +173,23 @@ class Z0Inf(TraceEstimator):
         return -Z
 
     def score(self, test: Any, *, reduce: str | None = None) -> torch.Tensor:
-        """(m, n) = −Z(i, j); ``reduce="mean"`` averages over the m queries → (n,)."""
-        out = self._score_cols(test, 0, self._check_fitted().n)
-        if reduce is None:
-            return out
-        if reduce == "mean":
-            return out.mean(0)
-        raise ValueError(f"reduce must be None or 'mean', got {reduce!r}")
+        """(m, n) = −Z(i, j); ``reduce="mean"`` (``"sum"``) aggregates over the m queries → (n,)."""
+        return super().score(test, reduce=reduce)
 
     def self_influence(self, kind: str = "fd") -> torch.Tensor:
-        """``fd``: −Σ_t ‖ĝ_t(z)‖² (= −T‖e(z)‖²); ``var``: −unbiased variance over t of L[t, z]."""
+        """Self-influence of every training example, (n,), negated like every fastinf score.
+
+        * ``"fd"``: −Σ_t ‖ĝ_t(z)‖² = −T‖e(z)‖², i.e. T × the diagonal of the train-on-train Z (before
+          correlation weighting, which is 1 on the diagonal), with the estimator's options
+          (``center_losses``, ``window``, ``normalization``, ĝ divided by K_t = |𝒩_t|).
+        * ``"var"``: −unbiased variance over t of L[t, z] (the reference's ``z_self_inf_var``).
+        * ``"reference"``: −the reference code's finite-difference self-influence
+          (facebookresearch/z0inf, ``z_self_inf_finite_diff``):
+          −Σ_t ‖(1/K) Σ_{s∈𝒩_t} (L[t, z] − L[s, z]) Δ_{t,s} / N_{t,s}‖² with raw losses (no centring),
+          Δ/N divided once, K = ``neighbors`` (not |𝒩_t|), no 1/T, and the reference's neighbours
+          (the last K//2 checkpoints of the run, excluding t) whatever ``window`` says.
+          From Γ only: ‖Σ_s c_s Δ_{t,s}‖² = Σ_{s,s'} c_s c_{s'} ⟨Δ_{t,s}, Δ_{t,s'}⟩.
+        """
         train = self._check_fitted()
         if kind == "fd":
             return -self.E_train_.pow(2).sum(0) * len(self.neighbors_)
@@ -197,4 +197,23 @@ class Z0Inf(TraceEstimator):
             if train.T < 2:
                 raise ValueError("var self-influence needs T ≥ 2 checkpoints")
             return -train.losses.to(torch.float64).var(0, unbiased=True)
-        raise ValueError(f"kind must be 'fd' or 'var', got {kind!r}")
+        if kind == "reference":
+            return -self._reference_self_influence(train)
+        raise ValueError(f"kind must be 'fd', 'var' or 'reference', got {kind!r}")
+
+    def _reference_self_influence(self, train: LossTrace) -> torch.Tensor:
+        G, K = self.gram_, self.options.neighbors
+        L = train.losses.to(torch.float64)  # raw losses
+        out = torch.zeros(train.n, dtype=torch.float64)
+        for t, nb in enumerate(neighbor_sets(train.T, K, "tail")):
+            if not nb:
+                continue
+            s = torch.tensor(nb)
+            N = G[t, t] - 2 * G[t, s] + G[s, s]  # ‖Δ_{t,s}‖², (K_t,)
+            if bool((N <= 1e-12 * G.diagonal().abs().max().clamp_min(1e-300)).any()):
+                raise ValueError(f"checkpoint {t} equals one of its reference neighbours {nb}: drop duplicates")
+            inner = G[t, t] - G[t, s][:, None] - G[t, s][None, :] + G[s][:, s]  # ⟨Δ_{t,s}, Δ_{t,s'}⟩
+            C = inner / torch.outer(N, N) / (K * K)
+            delta = L[t][None, :] - L[nb]  # (K_t, n)
+            out += ((C @ delta) * delta).sum(0)
+        return out

@@ -39,9 +39,20 @@ def test_score_matches_direct_formula(normalize):
     got = BIF(normalize=normalize, backend="torch").fit(tr).score(te)
     assert got.shape == (5, 11) and got.dtype == F64
     torch.testing.assert_close(got, direct(tr, te, normalize), rtol=1e-10, atol=1e-12)
-    # the default backend gives the same numbers
-    torch.testing.assert_close(BIF(normalize=normalize).fit(tr).score(te), got, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(BIF(normalize=normalize).fit(tr).score(te, reduce="mean"), got.mean(0))
+    # the default backend ("auto") against the direct formula, not against another fastinf result
+    want = direct(tr, te, normalize)
+    auto = BIF(normalize=normalize).fit(tr)
+    torch.testing.assert_close(auto.score(te), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(auto.score(te, reduce="mean"), want.mean(0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour of explicit GPU backends")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_explicit_gpu_backend_on_cpu_traces_raises(backend):
+    """An explicitly requested backend that cannot run raises, naming it; it never falls back silently."""
+    tr, te = traces(chains=1)
+    with pytest.raises(RuntimeError, match=backend):
+        BIF(backend=backend).fit(tr).score(te)
 
 
 def test_sign_co_moving_losses_are_helpful():

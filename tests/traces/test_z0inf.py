@@ -119,6 +119,41 @@ def test_self_influence_fd_and_var():
     torch.testing.assert_close(torch.diagonal(full.score(LossTrace(Ltr))) * T, full.self_influence("fd"))
 
 
+def _reference_self_influence_port(theta, L, K):
+    """Independent port of the reference's finite-difference self-influence (facebookresearch/z0inf,
+    ``z_self_inf_finite_diff``), in parameter space: for every checkpoint t, the neighbours are
+    range(T − K//2, T) without t; ĝ = Σ_s (L[s] − L[t]) (θ_s − θ_t) / ‖θ_s − θ_t‖², divided by K; the score
+    sums ‖ĝ‖² over t. Raw losses, no 1/T."""
+    T, n = L.shape
+    out = torch.zeros(n, dtype=torch.float64)
+    for t in range(T):
+        g = torch.zeros(n, theta.shape[1], dtype=torch.float64)
+        for s in range(max(0, T - K // 2), min(T, T + K // 2)):
+            if s == t:
+                continue
+            w = theta[s] - theta[t]
+            g += torch.outer(L[s] - L[t], w / (w @ w))
+        out += (g / K).pow(2).sum(1)
+    return out
+
+
+@pytest.mark.parametrize("K", [4, 6])
+@pytest.mark.parametrize("window", ["window", "tail"])
+def test_self_influence_reference_kind_is_the_reference_formula(K, window):
+    """kind="reference" follows the reference code whatever the estimator's window, centring and
+    normalisation options (which it documents), and is negated like every fastinf score."""
+    theta, Ltr, _ = _run(T=10, seed=6)
+    Ltr = Ltr + torch.linspace(0, 3, 10, dtype=torch.float64)[:, None]  # a loss level that changes with t
+    gram = theta @ theta.T
+    want = -_reference_self_influence_port(theta, Ltr, K)
+    for normalization in ("consistent", "reference"):
+        est = Z0Inf(neighbors=K, window=window, normalization=normalization).fit(LossTrace(Ltr, gram))
+        torch.testing.assert_close(est.self_influence("reference"), want, rtol=1e-10, atol=0)
+    # centring matters for "fd" (the documented default mode), not for "reference"
+    fd = Z0Inf(neighbors=K, window="tail", normalization="consistent").fit(LossTrace(Ltr, gram))
+    assert not torch.allclose(fd.self_influence("fd"), want, rtol=1e-3)
+
+
 def test_topk_and_reduce_and_registry():
     theta, Ltr, Lte = _run(seed=3)
     est = fastinf.get_estimator("z0inf").fit(LossTrace(Ltr, theta @ theta.T))
