@@ -6,14 +6,16 @@ constructor, method names, attributes (``hvp_dict``, ``IF_dict``, ``time_dict``,
 rows = validation ids, columns = training ids) are those of the reference, computed by fastinf's
 vectorised estimators instead of Python loops over examples.
 
+Both engines return −⟨h, g⟩ (positive = harmful), as the reference does (its generation engine has had
+the minus sign since commit c685ca2, "add negative sign for influence values from IFEngineGeneration").
+The preconditioned vectors come from the estimators' public ``preconditioned_test`` (``Exact.inverse_hvp``).
+
 Differences from the reference, on purpose:
 
 * ``compute_hvp_LiSSA`` reproduces the reference's flipped-sign recursion (METHODS.md §4) because
   ``lissa_reference_compat=True`` by default here; pass ``False`` for the correct damped LiSSA.
 * ``compute_hvp_accurate`` computes the exact damped inverse (a symmetric solve). The reference uses
   the general ``eig`` of a rank-deficient matrix, which is wrong when d_l > n; not reproduced.
-* ``IFEngineGeneration.compute_IF`` returns −⟨h, g⟩ (positive = harmful, fastinf's convention, same
-  as ``IFEngine``); the reference's generation engine omits the minus sign.
 * ``save_result`` writes JSON (``results_{run_id}.json``) instead of a pickle.
 """
 
@@ -71,7 +73,7 @@ class IFEngine(EngineBase):
     def compute_hvp_proposed(self, lambda_const_param=10) -> None:
         with self._timed("proposed"):
             est = DataInf(damping_factor=1.0 / lambda_const_param).fit(self._train)
-            self.hvp_dict["proposed"] = _unflatten(est._test_side(est._prep_test(self._val_avg)), self._shapes)
+            self.hvp_dict["proposed"] = _unflatten(est.preconditioned_test(self._val_avg), self._shapes)
 
     def compute_hvp_LiSSA(self, lambda_const_param=10, n_iteration=10, alpha_const=1.0) -> None:
         with self._timed("LiSSA"):
@@ -82,7 +84,7 @@ class IFEngine(EngineBase):
                 reference_compat=self.lissa_reference_compat,
                 tol=0.0,
             ).fit(self._train)
-            self.hvp_dict["LiSSA"] = _unflatten(est._test_side(est._prep_test(self._val_avg)), self._shapes)
+            self.hvp_dict["LiSSA"] = _unflatten(est.preconditioned_test(self._val_avg), self._shapes)
 
     def compute_hvp_accurate(self, lambda_const_param=10) -> None:
         with self._timed("accurate"):
@@ -130,7 +132,7 @@ class IFEngineGeneration(EngineBase):
     def compute_hvp_proposed(self, lambda_const_param=10) -> None:
         with self._timed("proposed"):
             est = DataInf(damping_factor=1.0 / lambda_const_param).fit(self._train)
-            h = est._test_side(est._prep_test(self._val))
+            h = est.preconditioned_test(self._val)
             self._precond = getattr(self, "_precond", {})
             self._precond["proposed"] = GradientSet(h, validate=False)
             self.hvp_dict["proposed"] = {j: _unflatten(h, self._shapes, j) for j in range(self.n_val)}

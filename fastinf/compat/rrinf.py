@@ -4,16 +4,18 @@ Change the import to ``from fastinf.compat.rrinf import IFEngine`` (or ``IFEngin
 constructor, methods (``preprocess_gradients``, ``compute_IF_baselines``, ``compute_IF_identity``,
 ``compute_IF_DataInf``, ``compute_IF_LiSSA``, ``compute_IF_accurate``, ``compute_IF_RRInf``) and
 outputs (``IF_dict`` numpy arrays / DataFrames with rows = validation ids, columns = training ids,
-``time_dict`` in seconds) are the reference's. RRInf's coordinate (or layer) draws come from the same
-global RNGs as the reference (``torch.randint`` on the default CPU generator, one draw per step;
-``np.random.shuffle`` of the layer names in layer mode), so after the same ``torch.manual_seed`` /
-``np.random.seed`` the same rows are drawn and the numbers agree to float32 rounding.
+``time_dict`` in seconds) are the reference's, computed through the estimators' public methods
+(``preconditioned_test``, ``Exact.inverse_hvp``, ``RRInf.set_draws`` and ``RRInf.omega``). RRInf's
+coordinate (or layer) draws come from the same global RNGs as the reference (``torch.randint`` on the
+default CPU generator, one draw per step; ``np.random.shuffle`` of the layer names in layer mode), so
+after the same ``torch.manual_seed`` / ``np.random.seed`` the same rows are drawn and the numbers agree
+to float32 rounding.
 
 Differences from the reference, on purpose:
 
 * Runs on CUDA when available, else CPU (the reference hard-codes ``'cuda'``): pass ``device=``.
-* Zero rows of Φ are skipped (METHODS.md §5) instead of turning ω into NaN. In layer mode the row term
-  is averaged over the layer's non-zero rows (equal to the reference's 1/d_l when none is zero).
+* A zero row of Φ contributes a zero data term while the step's regulariser still applies (METHODS.md §5),
+  instead of turning ω into NaN; layer mode averages the row terms over all d_l rows, like the reference.
 * ``compute_IF_baselines(compute_accurate=True)`` runs ``compute_IF_accurate`` (the reference calls a
   missing method and raises), and ``accurate`` is the exact damped inverse (no general ``eig``).
 * ``compute_IF_LiSSA`` reproduces the reference's flipped-sign recursion while
@@ -27,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..estimators import DataInf, Exact, LiSSA, RRInf
+from ..estimators import DataInf, Exact, HessianFree, LiSSA, RRInf
 from ..gradients.gradient_set import GradientSet
 from ._common import EngineBase, to_gradient_set
 
@@ -89,19 +91,18 @@ class _RRInfEngineBase(EngineBase):
     def _run(self, key: str, est, precondition) -> None:
         with self._timed(key):
             est.fit(self._train)
-            q = est._prep_test(self._queries())
-            h = precondition(est, q)
+            h = precondition(est, self._queries())
             scores = -sum(h[k] @ self._train[k].T for k in self._names)
             self._store(key, scores)
         self._hvp_out(key, h)
 
     def compute_IF_identity(self) -> None:
-        from ..estimators import HessianFree
-
-        self._run("identity", HessianFree(), lambda est, q: q.blocks())
+        self._run("identity", HessianFree(), lambda est, q: est.preconditioned_test(q))
 
     def compute_IF_DataInf(self, lambda_const_param=10) -> None:
-        self._run("DataInf", DataInf(damping_factor=1.0 / lambda_const_param), lambda est, q: est._test_side(q))
+        self._run(
+            "DataInf", DataInf(damping_factor=1.0 / lambda_const_param), lambda est, q: est.preconditioned_test(q)
+        )
 
     def compute_IF_LiSSA(self, lambda_const_param=10, n_iteration=10, alpha_const=1.0) -> None:
         est = LiSSA(
@@ -111,7 +112,7 @@ class _RRInfEngineBase(EngineBase):
             reference_compat=self.lissa_reference_compat,
             tol=0.0,
         )
-        self._run("LiSSA", est, lambda est, q: est._test_side(q))
+        self._run("LiSSA", est, lambda est, q: est.preconditioned_test(q))
 
     def compute_IF_accurate(self, lambda_const_param=10) -> None:
         est = Exact(damping_factor=1.0 / lambda_const_param, blockwise=True, dtype=torch.float64)
@@ -138,7 +139,7 @@ class _RRInfEngineBase(EngineBase):
                 est.set_draws(torch.tensor([pos[order[i]] for i in sel.tolist()], dtype=torch.int64))
             else:
                 est.set_draws(torch.randint(0, self.total_param_size, (int(num_iterations),)))
-            omega = est._omega(est._prep_test(self._queries()))  # (n, m)
+            omega = est.omega(self._queries())  # (n, m)
             if self._generation:
                 self.IF_dict["RRInf"] = pd.DataFrame(omega.T.cpu().double().numpy(), dtype=float)
             else:
