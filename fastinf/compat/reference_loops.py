@@ -41,17 +41,15 @@ __all__ = [
 
 DAMPING_FACTOR = 0.1  # λ = 0.1 × mean squared entry (both references: mean(g²) / lambda_const_param=10)
 
-Examples = list[dict[str, torch.Tensor]]
 
-
-def example_dicts(gs: GradientSet, names: list[str] | None = None) -> Examples:
+def example_dicts(gs: GradientSet, names: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
     """The references' layout: one ``{tensor_name: gradient}`` dict per example (1-D views, no copy)."""
     names = gs.names if names is None else names
     blocks = {k: gs[k] for k in names}
     return [{k: x[i] for k, x in blocks.items()} for i in range(gs.n)]
 
 
-def loop_val_mean(te: Examples, names: list[str]) -> dict[str, torch.Tensor]:
+def loop_val_mean(te: list[dict[str, torch.Tensor]], names: list[str]) -> dict[str, torch.Tensor]:
     """v̄ = (1/m) Σ_j t_j, tensor by tensor."""
     out = {}
     for k in names:
@@ -62,7 +60,7 @@ def loop_val_mean(te: Examples, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def loop_lambda(tr: Examples, name: str, factor: float = DAMPING_FACTOR) -> float:
+def loop_lambda(tr: list[dict[str, torch.Tensor]], name: str, factor: float = DAMPING_FACTOR) -> float:
     """λ_l = factor × (1/n) Σ_i mean(g_il²) (the references' per-tensor λ, ``lambda_const_param = 1/factor``)."""
     acc = torch.zeros((), dtype=tr[0][name].dtype)
     for ex in tr:
@@ -70,7 +68,7 @@ def loop_lambda(tr: Examples, name: str, factor: float = DAMPING_FACTOR) -> floa
     return factor * float(acc) / len(tr)
 
 
-def loop_hvp_proposed(tr: Examples, v: torch.Tensor, name: str, lam: float) -> torch.Tensor:
+def loop_hvp_proposed(tr: list[dict[str, torch.Tensor]], v: torch.Tensor, name: str, lam: float) -> torch.Tensor:
     """DataInf: h = (1/(nλ)) Σ_i [v − (g_iᵀv / (λ + ‖g_i‖²)) g_i]."""
     n = len(tr)
     h = torch.zeros_like(v)
@@ -82,7 +80,7 @@ def loop_hvp_proposed(tr: Examples, v: torch.Tensor, name: str, lam: float) -> t
 
 
 def loop_hvp_lissa(
-    tr: Examples, v: torch.Tensor, name: str, lam: float, iters: int = 10, alpha: float = 1.0
+    tr: list[dict[str, torch.Tensor]], v: torch.Tensor, name: str, lam: float, iters: int = 10, alpha: float = 1.0
 ) -> torch.Tensor:
     """The DataInf code's LiSSA variant: r ← v + r − α[(1/n) Σ_i (g_iᵀr) g_i − λ r] (damping sign flipped)."""
     n = len(tr)
@@ -96,7 +94,7 @@ def loop_hvp_lissa(
     return r
 
 
-def loop_outer_sum(tr: Examples, name: str, count: int) -> torch.Tensor:
+def loop_outer_sum(tr: list[dict[str, torch.Tensor]], name: str, count: int) -> torch.Tensor:
     """Σ_i g_i g_iᵀ over the first ``count`` examples, one outer product at a time."""
     d = tr[0][name].numel()
     A = torch.zeros(d, d, dtype=tr[0][name].dtype)
@@ -122,7 +120,7 @@ def loop_solve_accurate(A: torch.Tensor, v: torch.Tensor, lam: float, n: int, ei
     return (w @ V.T).reshape(v.shape)
 
 
-def loop_if(tr: Examples, hvp: dict[str, torch.Tensor]) -> torch.Tensor:
+def loop_if(tr: list[dict[str, torch.Tensor]], hvp: dict[str, torch.Tensor]) -> torch.Tensor:
     """IF_i = −Σ_l ⟨hvp_l, g_il⟩, example by example, tensor by tensor. Returns (n,)."""
     out = torch.empty(len(tr), dtype=next(iter(hvp.values())).dtype)
     for i, ex in enumerate(tr):
@@ -133,7 +131,9 @@ def loop_if(tr: Examples, hvp: dict[str, torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def loop_rrinf(Phi: torch.Tensor, te: Examples, names: list[str], coords: list[int], lr: float) -> torch.Tensor:
+def loop_rrinf(
+    Phi: torch.Tensor, te: list[dict[str, torch.Tensor]], names: list[str], coords: list[int], lr: float
+) -> torch.Tensor:
     """RRInf neuron mode on a dense Φ (D × n): υ = −n v̄, λ̃ = nλ/D, ω ← ω − lr (2 e φ/‖φ‖² + 2 λ̃ ω).
 
     λ = DAMPING_FACTOR × mean(Φ²) over all coordinates (accumulated over row chunks of Φ, no D×n temporary).
@@ -161,8 +161,8 @@ def loop_rrinf(Phi: torch.Tensor, te: Examples, names: list[str], coords: list[i
 
 
 def loop_rrinf_queries(
-    tr: Examples,
-    queries: Examples,
+    tr: list[dict[str, torch.Tensor]],
+    queries: list[dict[str, torch.Tensor]],
     names: list[str],
     draws: list[Any],
     lr: float,
@@ -211,7 +211,9 @@ def loop_rrinf_queries(
     return omega
 
 
-def loop_method(method: str, tr: Examples, te: Examples, names: list[str], **kw: Any) -> torch.Tensor:
+def loop_method(
+    method: str, tr: list[dict[str, torch.Tensor]], te: list[dict[str, torch.Tensor]], names: list[str], **kw: Any
+) -> torch.Tensor:
     """Whole IFEngine-style computation for one method on the mean test gradient: returns IF (n,)."""
     vbar = loop_val_mean(te, names)
     if method == "identity":
