@@ -14,16 +14,18 @@ from .estimators import (
     Exact,
     HessianFree,
     LiSSA,
+    MethodInfo,
     RRInf,
     RRInfFixedPoint,
     Z0Inf,
     available_methods,
     get_estimator,
     influence,
+    method_info,
 )
 from .gradients import GradientSet, GradientStore, LoRAGradientCollector
-from .version import __version__
 from .traces import LossTrace, checkpoint_gram, loss_table, sample_posterior_traces
+from .version import __version__
 
 __all__ = [
     "BIF",
@@ -39,12 +41,14 @@ __all__ = [
     "HessianFree",
     "LiSSA",
     "LoRAGradientCollector",
+    "MethodInfo",
     "RRInf",
     "RRInfFixedPoint",
     "__version__",
     "available_methods",
     "checkpoint_gram",
     "loss_table",
+    "method_info",
     "get_estimator",
     "influence",
     "ops",
