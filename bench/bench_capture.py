@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with command-line arguments ``argv`` (None: ``sys.argv[1:]``); returns the exit status."""
-    a = bu.parse_args(build_parser(), argv)
-    if isinstance(a, int):
-        return a
+    return bu.run_script(build_parser(), argv, run)
+
+
+def run(a: argparse.Namespace) -> int:
     if a.quick:
         a.batch, a.seq, a.repeats = 8, 64, 2
     model = tiny_lora_llama("small" if a.quick else "bench", seed=0, device=a.device, r=8, lora_alpha=16)

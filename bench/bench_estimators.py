@@ -754,10 +754,10 @@ def resolve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> t
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with command-line arguments ``argv`` (None: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
-    parsed = bu.parse_args(parser, argv, lambda a: resolve_args(parser, a))
-    if isinstance(parsed, int):
-        return parsed
-    args, shape = parsed
+    return bu.run_script(parser, argv, lambda parsed: run(*parsed), lambda a: resolve_args(parser, a))
+
+
+def run(args: argparse.Namespace, shape: Shape) -> int:
     bu.set_torch_threads()
     t_start = time.perf_counter()
     rep = Report(args, shape)

@@ -243,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with command-line arguments ``argv`` (None: ``sys.argv[1:]``); returns the exit status."""
-    args = bu.parse_args(build_parser(), argv)
-    if isinstance(args, int):
-        return args
+    return bu.run_script(build_parser(), argv, run)
+
+
+def run(args: argparse.Namespace) -> int:
     bu.set_torch_threads()
     if args.sweep:
         return sweep(args)

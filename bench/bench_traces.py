@@ -149,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with command-line arguments ``argv`` (None: ``sys.argv[1:]``); returns the exit status."""
-    a = bu.parse_args(build_parser(), argv)
-    if isinstance(a, int):
-        return a
+    return bu.run_script(build_parser(), argv, run)
+
+
+def run(a: argparse.Namespace) -> int:
     rows = bu.RowBuilder(printer=bu.LinePrinter([("op", 16), ("method", 44), ("shape", 34), ("median_s", 10),
                                                  ("throughput", 10), ("unit", 24), ("speedup", 8)]))  # fmt: skip
     bench_loss_table(a.quick, rows)

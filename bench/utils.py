@@ -33,6 +33,7 @@ __all__ = [
     "now",
     "output_path",
     "parse_args",
+    "run_script",
     "set_torch_threads",
     "timing_fields",
     "write_csv",
@@ -209,6 +210,18 @@ def parse_args(
         return resolve(args) if resolve is not None else args
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+
+
+def run_script(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    body: Callable[[Any], int],
+    resolve: Callable[[argparse.Namespace], Any] | None = None,
+) -> int:
+    """The ``main(argv) -> int`` of every bench script: :func:`parse_args` (its exit status for ``--help`` or a
+    bad argument), then ``body(args)`` (the resolved arguments)."""
+    args = parse_args(parser, argv, resolve)
+    return args if isinstance(args, int) else body(args)
 
 
 def output_path(args: argparse.Namespace, name: str) -> Path:

@@ -50,37 +50,25 @@ __all__ = [
 ]
 
 # ------------------------------------------------------------------------------------ model configs
-#: Llama-style sizes. ``tiny``: ~60k parameters, the tests' model (GQA: 4 query heads, 2 key/value
-#: heads). ``small``: ~0.6M, ``bench_capture --quick``. ``bench``: ~7M, the capture and loss-table
+_LLAMA_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+#: Llama-style sizes (GQA: half as many key/value heads as query heads). ``tiny``: 22k parameters, the
+#: tests' model. ``small``: 0.9M, ``bench_capture --quick``. ``bench``: 7M, the capture and loss-table
 #: benchmarks.
 LLAMA_SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    ),
-    "small": dict(
-        vocab_size=2000,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    ),
-    "bench": dict(
-        vocab_size=8000,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-    ),
+    name: dict(zip(_LLAMA_FIELDS, values, strict=True))
+    for name, values in {
+        "tiny": (97, 32, 48, 2, 4, 2, 64),
+        "small": (2000, 128, 344, 2, 4, 2, 256),
+        "bench": (8000, 256, 688, 4, 8, 4, 512),
+    }.items()
 }
 
 #: The tests' RoBERTa classifier (pad token 1, as in RoBERTa's tokenizer; ids from 3 up are ordinary).
