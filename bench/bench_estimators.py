@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Benchmark fastinf's estimators against per-example Python-loop baselines (MRPC-shaped gradients).
 
-The loop baselines are written here from the formulas of METHODS.md, following the *algorithm* (not the
-code) of the reference engines: the DataInf repository's ``IFEngine`` (loops over parameter tensors ×
-training examples: ``identity``, ``proposed`` = DataInf, ``LiSSA`` with the flipped damping sign and 10
-steps, ``accurate`` = per-tensor d_l×d_l matrix from summed outer products + eigendecomposition, and the
-IF loop), and the RRInf repository's neuron-mode SGD loop over a dense Φ (D × n). Gradients are kept in
-the reference layout: one dict ``{tensor_name: 1-D view}`` per example (views into the block storage,
-built outside the timed region, like the references' gradient dicts).
+The loop baselines (``fastinf.compat.reference_loops``, also the oracles of tests/compat) are written from
+the formulas of METHODS.md, following the *algorithm* (not the code) of the reference engines: the DataInf
+repository's ``IFEngine`` (loops over parameter tensors × training examples: ``identity``, ``proposed`` =
+DataInf, ``LiSSA`` with the flipped damping sign and 10 steps, ``accurate`` = per-tensor d_l×d_l matrix from
+summed outer products + eigendecomposition, and the IF loop), and the RRInf repository's neuron-mode SGD loop
+over a dense Φ (D × n). Gradients are kept in the reference layout: one dict ``{tensor_name: 1-D view}`` per
+example (views into the block storage, built outside the timed region, like the references' gradient dicts).
 
 Each fastinf measurement is ``Estimator(...).fit(train).score(test, reduce=...)`` end to end; each
 baseline measurement covers the same work (test mean, damping λ, preconditioner, IF loop). Both run in
@@ -47,10 +47,21 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:  # the repositor
 import fastinf  # noqa: E402
 from bench import utils as bu  # noqa: E402
 from fastinf import GradientSet  # noqa: E402
+from fastinf.compat.reference_loops import (  # noqa: E402
+    example_dicts,
+    loop_hvp_proposed,
+    loop_if,
+    loop_lambda,
+    loop_method,
+    loop_outer_sum,
+    loop_rrinf,
+    loop_solve_accurate,
+    loop_val_mean,
+    oracle_exact_mean,
+)
 from fastinf.utils import TimingStats, loadavg, time_fn  # noqa: E402
 
 ALL_METHODS = ("identity", "datainf", "lissa", "exact", "rrinf", "datainf_pertest")
-DAMPING_FACTOR = 0.1  # λ = 0.1 × mean squared entry (both references: mean(g²) / lambda_const_param=10)
 
 
 # =============================================================================== synthetic gradients
@@ -132,147 +143,6 @@ def make_gradients(shape: Shape, seed: int = 0, dtype: torch.dtype = torch.float
             x.mul_((c * scale)[:, None])
             blocks[name] = x.to(dtype)
     return GradientSet(sets[0], validate=False), GradientSet(sets[1], validate=False)
-
-
-def example_dicts(gs: GradientSet, names: list[str] | None = None) -> list[dict[str, torch.Tensor]]:
-    """The references' layout: one ``{tensor_name: gradient}`` dict per example (1-D views, no copy)."""
-    names = gs.names if names is None else names
-    blocks = {k: gs[k] for k in names}
-    return [{k: x[i] for k, x in blocks.items()} for i in range(gs.n)]
-
-
-# =============================================================================== loop baselines
-# Straightforward transcriptions of the formulas, one example and one tensor at a time (the algorithm of the
-# reference engines). ``tr`` / ``te``: lists of per-example dicts; every function works on one tensor name.
-
-
-def loop_val_mean(te: list[dict[str, torch.Tensor]], names: list[str]) -> dict[str, torch.Tensor]:
-    """v̄ = (1/m) Σ_j t_j, tensor by tensor."""
-    out = {}
-    for k in names:
-        acc = torch.zeros_like(te[0][k])
-        for ex in te:
-            acc += ex[k]
-        out[k] = acc / len(te)
-    return out
-
-
-def loop_lambda(tr: list[dict[str, torch.Tensor]], name: str, factor: float = DAMPING_FACTOR) -> float:
-    """λ_l = factor × (1/n) Σ_i mean(g_il²)."""
-    acc = torch.zeros(())
-    for ex in tr:
-        acc += torch.mean(ex[name] ** 2)
-    return factor * float(acc) / len(tr)
-
-
-def loop_hvp_proposed(tr: list[dict[str, torch.Tensor]], v: torch.Tensor, name: str, lam: float) -> torch.Tensor:
-    """DataInf: h = (1/(nλ)) Σ_i [v − (g_iᵀv / (λ + ‖g_i‖²)) g_i]."""
-    n = len(tr)
-    h = torch.zeros_like(v)
-    for ex in tr:
-        g = ex[name]
-        c = torch.sum(v * g) / (lam + torch.sum(g * g))
-        h += (v - c * g) / (n * lam)
-    return h
-
-
-def loop_hvp_lissa(
-    tr: list[dict[str, torch.Tensor]], v: torch.Tensor, name: str, lam: float, iters: int = 10, alpha: float = 1.0
-) -> torch.Tensor:
-    """The DataInf code's LiSSA variant: r ← v + r − α[(1/n) Σ_i (g_iᵀr) g_i − λ r] (damping sign flipped)."""
-    n = len(tr)
-    r = v.clone()
-    for _ in range(iters):
-        acc = torch.zeros_like(v)
-        for ex in tr:
-            g = ex[name]
-            acc += (torch.sum(g * r) * g - lam * r) / n
-        r = v + r - alpha * acc
-    return r
-
-
-def loop_outer_sum(tr: list[dict[str, torch.Tensor]], name: str, count: int) -> torch.Tensor:
-    """Σ_i g_i g_iᵀ over the first ``count`` examples, one outer product at a time."""
-    d = tr[0][name].numel()
-    A = torch.zeros(d, d, dtype=tr[0][name].dtype)
-    for ex in tr[:count]:
-        g = ex[name].reshape(-1)
-        A += torch.outer(g, g)
-    return A
-
-
-def loop_solve_accurate(A: torch.Tensor, v: torch.Tensor, lam: float, n: int, eig: str = "eigh") -> torch.Tensor:
-    """(G + λI)⁻¹ v with G = A / n through an eigendecomposition of A = Σ g gᵀ.
-
-    ``eig="eigh"``: the symmetric solver (correct). ``eig="eig"``: the general solver as the DataInf code does,
-    keeping the real parts; its eigenvectors of the (d_l − n)-fold zero eigenvalue need not be orthonormal
-    when d_l > n, so V diag(·) Vᵀ is then not the inverse.
-    """
-    if eig == "eigh":
-        L, V = torch.linalg.eigh(A)
-    else:
-        L, V = torch.linalg.eig(A)
-        L, V = L.real.to(A.dtype), V.real.to(A.dtype)
-    w = (v.reshape(-1) @ V) / (lam + L / n)
-    return (w @ V.T).reshape(v.shape)
-
-
-def loop_if(tr: list[dict[str, torch.Tensor]], hvp: dict[str, torch.Tensor]) -> torch.Tensor:
-    """IF_i = −Σ_l ⟨hvp_l, g_il⟩, example by example, tensor by tensor. Returns (n,)."""
-    out = torch.empty(len(tr), dtype=next(iter(hvp.values())).dtype)
-    for i, ex in enumerate(tr):
-        s = torch.zeros(())
-        for k, h in hvp.items():
-            s += torch.sum(h * ex[k])
-        out[i] = -s
-    return out
-
-
-def loop_rrinf(
-    Phi: torch.Tensor, te: list[dict[str, torch.Tensor]], names: list[str], coords: list[int], lr: float
-) -> torch.Tensor:
-    """RRInf neuron mode on a dense Φ (D × n): υ = −n v̄, λ̃ = nλ/D, ω ← ω − lr (2 e φ/‖φ‖² + 2 λ̃ ω).
-
-    λ = factor × mean(Φ²) over all coordinates (accumulated over row chunks of Φ, no D×n temporary).
-    A zero row is skipped (the reference code divides by zero there).
-    """
-    D, n = Phi.shape
-    vbar = loop_val_mean(te, names)
-    ups = -n * torch.cat([vbar[k].reshape(-1) for k in names])
-    tot = 0.0
-    for s in range(0, D, 1024):
-        tot += float(torch.sum(Phi[s : s + 1024] ** 2))
-    lam = DAMPING_FACTOR * tot / (D * n)
-    reg = n * lam / D
-    omega = torch.zeros(n, dtype=Phi.dtype)
-    for idx in coords:
-        phi = Phi[idx]
-        nrm = torch.sum(phi * phi)
-        if float(nrm) == 0.0:
-            continue
-        e = torch.sum(phi * omega) - ups[idx]
-        omega = omega - lr * (2 * e * phi / nrm + 2 * reg * omega)
-    return omega
-
-
-def loop_method(
-    method: str, tr: list[dict[str, torch.Tensor]], te: list[dict[str, torch.Tensor]], names: list[str], **kw: Any
-) -> torch.Tensor:
-    """Whole IFEngine-style computation for one method on the mean test gradient: returns IF (n,)."""
-    vbar = loop_val_mean(te, names)
-    if method == "identity":
-        hvp = {k: vbar[k] for k in names}
-    else:
-        hvp = {}
-        for k in names:
-            lam = loop_lambda(tr, k)
-            if method == "datainf":
-                hvp[k] = loop_hvp_proposed(tr, vbar[k], k, lam)
-            elif method == "lissa":
-                hvp[k] = loop_hvp_lissa(tr, vbar[k], k, lam, iters=kw.get("lissa_iters", 10))
-            else:
-                raise ValueError(method)
-    return loop_if(tr, hvp)
 
 
 # =============================================================================== measurement
@@ -492,20 +362,6 @@ def parse_blocks(spec: str, shape: Shape) -> list[str]:
             raise ValueError(f"--exact-blocks: unknown block {tok!r}; use 'all' or tokens like head, A0, B3")
         out.append(by_short[tok])
     return out
-
-
-def oracle_exact_mean(X: torch.Tensor, T: torch.Tensor, factor: float = DAMPING_FACTOR) -> torch.Tensor:
-    """Untimed float64 check for one block: −Φᵀ(G + λI)⁻¹v̄ by a dense LU solve in the smaller space."""
-    X, v = X.double(), T.double().mean(0)
-    n, d = X.shape
-    lam = factor * float(X.pow(2).sum()) / (n * d)
-    if d <= n:
-        H = X.T @ X / n
-        H.diagonal().add_(lam)
-        return -(X @ torch.linalg.solve(H, v))
-    K = X @ X.T
-    K.diagonal().add_(n * lam)
-    return -n * torch.linalg.solve(K, X @ v)
 
 
 def case_exact(args, ctx, rep: Report) -> None:
