@@ -5,7 +5,7 @@ Models are built from configs with random weights (nothing is downloaded; ``HF_H
 * :func:`llama_config` / :func:`tiny_llama` / :func:`tiny_lora_llama`: Llama-style causal LMs in three
   sizes (:data:`LLAMA_SIZES`: ``tiny`` for tests, ``small`` and ``bench`` for benchmarks), GQA included;
 * :func:`tiny_lora_roberta`: a RoBERTa sequence classifier with LoRA on query/value (the head is a
-  ``modules_to_save`` block);
+  ``modules_to_save`` block); :func:`tiny_bert`: a one-layer BERT classifier without adapters;
 * :func:`tiny_unet2d`: a diffusers ``UNet2DModel`` (class-conditional) or ``UNet2DConditionModel``
   (cross-attention) on 8 × 8 images;
 * :func:`lora_config`, :func:`add_lora`: a peft ``LoraConfig`` with random (non-zero) adapter weights,
@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "BERT_TINY",
     "LLAMA_SIZES",
     "ROBERTA_TINY",
     "add_lora",
@@ -43,6 +44,7 @@ __all__ = [
     "reference_tolerance",
     "rel_err",
     "require_backend",
+    "tiny_bert",
     "tiny_llama",
     "tiny_lora_llama",
     "tiny_lora_roberta",
@@ -80,6 +82,17 @@ ROBERTA_TINY: dict[str, int] = dict(
     intermediate_size=37,
     max_position_embeddings=40,
     pad_token_id=1,
+)
+
+
+#: A one-layer BERT classifier (the experiment tests pair it with the bundled MiniLM tokenizer's vocabulary).
+BERT_TINY: dict[str, int] = dict(
+    vocab_size=60,
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=64,
 )
 
 
@@ -178,6 +191,17 @@ def tiny_lora_roberta(
     torch.manual_seed(seed)
     base = _place(transformers.RobertaForSequenceClassification(cfg), dtype)
     return add_lora(base, target_modules, r=r, lora_dropout=lora_dropout, task_type="SEQ_CLS")
+
+
+def tiny_bert(*, seed: int = 0, num_labels: int = 2, dtype: Any = None, **overrides: Any) -> Any:
+    """A randomly initialised ``BertForSequenceClassification`` of :data:`BERT_TINY` (no adapter; e.g.
+    ``tiny_bert(vocab_size=tokenizer.vocab_size)``)."""
+    import torch
+    import transformers
+
+    cfg = transformers.BertConfig(**{**BERT_TINY, "num_labels": num_labels, **overrides})
+    torch.manual_seed(seed)
+    return _place(transformers.BertForSequenceClassification(cfg), dtype)
 
 
 def tiny_unet2d(*, seed: int = 0, dtype: Any = None, cross_attention_dim: int | None = None, **overrides: Any) -> Any:

@@ -140,6 +140,14 @@ def check_posterior(W, mu, Sigma, S):
 NB, GAMMA = 1000.0, 10.0  # A has eigenvalues 20, 25, 30
 # 4 chains × 2000 draws (thinned by 2, after 200 burn-in steps): Monte Carlo standard errors below 0.06
 LONG_RUN = dict(n_beta=NB, localization=GAMMA, chains=4, draws=2000, thin=2, burnin=200)
+# a few steps of 2 chains: enough to move the weights (the restore tests)
+SHORT_RUN = dict(n_beta=NB, localization=GAMMA, step_size=0.01, chains=2, draws=10, progress=False)
+
+
+def _one_batch(X, y):
+    """(train batches, {"train": the same batches}): the sampler's loader and its traced sets."""
+    batches = [{"x": X, "y": y}]
+    return batches, {"train": batches}
 
 
 def test_gaussian_posterior_plain_sgld():
@@ -307,19 +315,7 @@ def test_restores_weights_flags_and_mode():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # 10 draws: diagnostics are not the point here
-        sample_posterior_traces(
-            model,
-            [{"x": X, "y": y}],
-            {"train": [{"x": X, "y": y}]},
-            n_beta=NB,
-            localization=GAMMA,
-            step_size=0.01,
-            chains=2,
-            draws=10,
-            loss_fn=lin_loss,
-            progress=False,
-            callback=cb,
-        )
+        sample_posterior_traces(model, *_one_batch(X, y), loss_fn=lin_loss, callback=cb, **SHORT_RUN)
     assert not torch.equal(seen[-1], w_star)  # the weights did move
     _assert_restored(model, before, rng)
 
@@ -339,18 +335,7 @@ def test_restores_weights_on_exception(exc):
         return lin_loss(m, b)
 
     with pytest.raises(exc, match="injected"):
-        sample_posterior_traces(
-            model,
-            [{"x": X, "y": y}],
-            {"train": [{"x": X, "y": y}]},
-            n_beta=NB,
-            localization=GAMMA,
-            step_size=0.01,
-            chains=2,
-            draws=10,
-            loss_fn=failing,
-            progress=False,
-        )
+        sample_posterior_traces(model, *_one_batch(X, y), loss_fn=failing, **SHORT_RUN)
     assert len(calls) == 15
     _assert_restored(model, before, rng)
 
