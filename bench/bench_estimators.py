@@ -22,8 +22,8 @@ Usage (always with one torch thread)::
 See bench/README.md for what every column means and which rows are extrapolated.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the dataclasses below then work even when a CLI executes this file
+# by path without registering it in sys.modules (dataclasses look string annotations up there).
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

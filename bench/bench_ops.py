@@ -27,8 +27,8 @@ extension build stay out of the numbers); median, p20, p80 over at least ``--min
 ``--budget`` seconds per row. The inputs of the full shapes are far larger than L2.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the dataclasses below then work even when a CLI executes this file
+# by path without registering it in sys.modules (dataclasses look string annotations up there).
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

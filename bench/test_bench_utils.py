@@ -24,11 +24,9 @@ SCRIPTS = ["estimators", "ops", "capture", "traces"]
 
 
 def _load(which: str):
-    """Load a script by path, as a CLI would (registered in sys.modules first: the scripts use dataclasses)."""
-    name = f"_bench_contract_{which}"
-    spec = importlib.util.spec_from_file_location(name, HERE / f"bench_{which}.py")
+    """Execute a script by path, as ``fastinf bench`` may (not registered in sys.modules: the strictest loader)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_contract_{which}", HERE / f"bench_{which}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
