@@ -279,9 +279,11 @@ def run_benchmark(which: str, argv: Sequence[str] = ()) -> int:
     try:
         spec = importlib.util.spec_from_file_location(f"fastinf_bench_{which}", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
         spec.loader.exec_module(module)
         rc = module.main(list(argv))
     finally:
+        sys.modules.pop(f"fastinf_bench_{which}", None)
         if added:
             sys.path.remove(here)
-    return int(rc or 0) if not isinstance(rc, list) else 0
+    return int(rc or 0)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fastinf
+from fastinf import testing
 from fastinf.eval import (
     ClassDetectionSettings,
     MislabelSettings,
@@ -43,38 +44,15 @@ def _tokenizer():
 
 
 def tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
+    """(tokenizer, model): fastinf.testing's tiny BERT over the bundled MiniLM tokenizer's vocabulary."""
     tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    return tok, BertForSequenceClassification(cfg)
+    return tok, testing.tiny_bert(vocab_size=tok.vocab_size, max_position_embeddings=64)
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """(tokenizer, model): fastinf.testing's tiny Llama over the bundled MiniLM tokenizer's vocabulary."""
     tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-    )
-    return tok, LlamaForCausalLM(cfg)
+    return tok, testing.tiny_llama(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id)
 
 
 def texts_and_labels(n, seed=0):
