@@ -213,23 +213,29 @@ class DemoCommand(Command):
         "Z0-Inf from the saved checkpoints and the BIF from SGLD traces, run the damping and iteration\n"
         "sweeps, print one table (AUC, agreement with exact, λ, time, memory) and write a report\n"
         "directory (report.md, results.json, scores.json, PNG plots). About 10 minutes on a 2-core\n"
-        "CPU; --quick: under 3 minutes. --synthetic: the seconds-long synthetic variant."
+        "CPU; --quick: about 2 minutes. --synthetic: the seconds-long synthetic variant (gradient\n"
+        "methods only), same table and report files."
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from .eval.experiments.mislabel import SYNTHETIC_SIZES, MislabelSettings
+
+        full, quick, syn = MislabelSettings(), MislabelSettings.quick(), SYNTHETIC_SIZES
         parser.add_argument(
             "--n-train",
             type=_positive_int,
             default=None,
             metavar="N",
-            help="training examples (default 600, --quick 160; --synthetic: 1000, --quick 400)",
+            help=f"training examples (default {full.n_train}, --quick {quick.n_train}; "
+            f"--synthetic: {syn['full'][0]}, --quick {syn['quick'][0]})",
         )
         parser.add_argument(
             "--n-test",
             type=_positive_int,
             default=None,
             metavar="M",
-            help="test examples (default 150, --quick 40; --synthetic: 200, --quick 100)",
+            help=f"test examples (default {full.n_test}, --quick {quick.n_test}; "
+            f"--synthetic: {syn['full'][1]}, --quick {syn['quick'][1]})",
         )
         parser.add_argument(
             "--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the data, model and methods"
@@ -266,14 +272,15 @@ class DemoCommand(Command):
             type=Path,
             default=None,
             metavar="DIR",
-            help="write the report here (default ./fastinf-report; --synthetic: no report unless given)",
+            help="write the report here (default ./fastinf-report; --synthetic: ./fastinf-report-synthetic)",
         )
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(self, args: argparse.Namespace) -> int:
         from .eval import mislabel_demo
 
-        report_dir = args.report_dir if (args.report_dir or args.synthetic) else Path("fastinf-report")
+        default = Path("fastinf-report-synthetic" if args.synthetic else "fastinf-report")
+        report_dir = args.report_dir or default
         result = mislabel_demo(
             quick=args.quick,
             synthetic=args.synthetic,

@@ -14,7 +14,7 @@ import importlib.util
 import json
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,29 +101,45 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------ grads
-def read_jsonl(path: str | Path, *, required: Sequence[str]) -> list[dict[str, Any]]:
+def read_jsonl(
+    path: str | Path, *, required: Sequence[str], validate: Callable[[dict[str, Any]], str | None] | None = None
+) -> list[dict[str, Any]]:
     """The rows of a JSON-lines file.
 
     Raises:
         ValueError: the file is missing or empty, a line is not a JSON object, or a row lacks a
-            ``required`` field (the message names the line and the fields it has).
+            ``required`` field (the message names the line and the fields it has), or ``validate(row)``
+            returns a complaint about a row.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"data file {path} is a directory; expected a JSON-lines file")
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; expected JSON lines: one object per line") from None
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {i} is not JSON: {e.msg}") from None
+            raise ValueError(
+                f"{path} line {i} column {e.colno}: {e.msg}; expected JSON lines: one object per line"
+            ) from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path} line {i} is not a JSON object")
+            raise ValueError(
+                f"{path} line {i} holds a JSON {type(row).__name__}; expected JSON lines: one object per line"
+            )
         missing = [f for f in required if f not in row]
         if missing:
             raise ValueError(f"{path} line {i} has no field {', '.join(map(repr, missing))} (fields: {sorted(row)})")
+        problem = validate(row) if validate is not None else None
+        if problem:
+            raise ValueError(f"{path} line {i}: {problem}")
         rows.append(row)
     if not rows:
         raise ValueError(f"data file {path} has no rows")
@@ -160,7 +176,9 @@ def capture_jsonl(
     from . import hf
 
     required = [text_field] + ([label_field] if model == "minilm" else [])
-    rows = read_jsonl(data, required=required)
+    rows = read_jsonl(
+        data, required=required, validate=_row_check(text_field, label_field if model == "minilm" else None, num_labels)
+    )
     tok, net, classifier = hf.bundled_lora_model(model, adapter=adapter, r=r, seed=seed, num_labels=num_labels)
     loader = hf.JsonlLoader(
         rows,
@@ -172,6 +190,23 @@ def capture_jsonl(
     )
     col = LoRAGradientCollector(net, include_modules_to_save=classifier, projection=projection)
     return col.collect(loader, store=out, progress=progress, overwrite=overwrite)
+
+
+def _row_check(text_field: str, label_field: str | None, num_labels: int) -> Callable[[dict[str, Any]], str | None]:
+    """A row validator: the text a string, the label (if any) an integer class in [0, num_labels)."""
+
+    def check(row: dict[str, Any]) -> str | None:
+        if not isinstance(row[text_field], str):
+            return f"field {text_field!r} is not a string"
+        if label_field is not None:
+            y = row[label_field]
+            if isinstance(y, bool) or not isinstance(y, int) or not 0 <= y < num_labels:
+                return (
+                    f"label {label_field!r} = {y!r} is not a class in 0..{num_labels - 1} (num_labels = {num_labels})"
+                )
+        return None
+
+    return check
 
 
 # ------------------------------------------------------------------------------------ score

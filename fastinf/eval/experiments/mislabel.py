@@ -52,7 +52,9 @@ from .common import ExperimentResult, prepare_report_dir, settings_dict
 __all__ = ["MislabelSettings", "mislabel_demo", "mislabel_experiment", "synthetic_mislabel_experiment"]
 
 _LABELS = {"z0inf_self": "z0inf (self-influence)"}
-TRACE_SKIP = "skipped (needs loss traces)"
+# (n_train, n_test) of the synthetic demo: full and --quick
+SYNTHETIC_SIZES = {"full": (1000, 200), "quick": (400, 100)}
+TRACE_SKIP = "skipped: needs loss traces (checkpoints, SGLD), which the synthetic task has not"
 
 
 @dataclass
@@ -179,7 +181,7 @@ def _score_gradients(gtr, gte, flipped, s: MislabelSettings, methods, progress, 
         swept = [m for m in ("exact", "datainf") if m in methods]
         if swept:
             sweeps["damping"] = damping_sweep(gtr, gte, s.damping_multipliers, metric, methods=swept, progress=progress)
-        if "rrinf" in methods or "rrinf_fixed_point" in methods:
+        if "rrinf" in methods:  # the iteration sweep runs RRInf (and its fixed point beside it)
             sweeps.update(rrinf_iteration_sweep(gtr, gte, s.rrinf_iterations, s.rrinf_seeds, metric, progress=progress))
     return {
         "methods": {n: _record(r, flipped, exact) for n, r in runs.items()},
@@ -407,7 +409,8 @@ def mislabel_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]
         if r.get("seeds") and len(r["seeds"]) > 1:
             name += f" ({len(r['seeds'])} seeds)"
         if r.get("auc") is None:
-            rows.append([name, r.get("skipped") or "failed", "—", "—", "—", "—", "—", (r.get("error") or "")[:80]])
+            auc_cell, note = ("skipped", r["skipped"]) if r.get("skipped") else ("failed", (r.get("error") or "")[:80])
+            rows.append([name, auc_cell, "—", "—", "—", "—", "—", note])
             continue
         note = r.get("note", "")
         if r.get("converged") is False:
@@ -440,15 +443,29 @@ def _sweep_tables(sweeps: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
+def _plural(k: int, word: str) -> str:
+    return f"{k} {word}" + ("" if k == 1 else "s")
+
+
 def _intro(meta: dict) -> str:
     s = meta["settings"]
     return (
         f"Model: {meta.get('model')}; {meta.get('training')}. Training examples: {meta['n_train']} "
-        f"({meta['flipped']} labels flipped), test examples: {meta['n_test']}. Test accuracy "
+        f"({_plural(meta['flipped'], 'label')} flipped), test examples: {meta['n_test']}. Test accuracy "
         f"{meta['test_accuracy']:.3f}. Gradient dimension D = {meta['D']} in {meta['blocks']} blocks. "
-        f"Checkpoints for Z0-Inf: {meta.get('checkpoints', '—')}. Seeds: {meta['seeds']}; stochastic methods over "
-        f"{list(s['rrinf_seeds'])}. "
+        f"Checkpoints for Z0-Inf: {meta.get('checkpoints', '—')}. Data seeds: {meta['seeds']}. "
         f"Damping: {s['damping']!r}; LiSSA depth {s['lissa_depth']}."
+    )
+
+
+def _seed_note(result: ExperimentResult) -> str:
+    """What ± means, only when something ran over several seeds."""
+    multi = [m for m, r in result.items() if len(r.get("aucs") or []) > 1]
+    if not multi:
+        return ""
+    seeds = result.meta["settings"]["rrinf_seeds"]
+    return f"{', '.join(multi)}: mean ± std over seeds {list(seeds)}" + (
+        f" × data seeds {result.meta['seeds']}. " if len(result.meta["seeds"]) > 1 else ". "
     )
 
 
@@ -456,7 +473,9 @@ def _finish(result: ExperimentResult, first: dict, out: Path | None) -> Experime
     """Console summary and, with ``out``, the report directory."""
     meta, sweeps = result.meta, result.sweeps
     headers, rows = mislabel_table(result)
-    text = [text_table(headers[:-1], [r[:-1] for r in rows]), "", _intro(meta)]
+    text = [text_table(headers[:-1], [r[:-1] for r in rows])]
+    text += [f"  {r[0]}: {r[-1]}" for r in rows if r[1] in ("skipped", "failed")]
+    text += ["", _intro(meta) + (" " + _seed_note(result) if _seed_note(result) else "")]
     for title, h, r in _sweep_tables(sweeps):
         text += ["", title, text_table(h, r)]
     result.report_dir = out
@@ -479,7 +498,8 @@ def _finish(result: ExperimentResult, first: dict, out: Path | None) -> Experime
             _intro(meta),
             "",
             "AUC = roc_auc(is_flipped, influence on the mean test loss); positive = harmful; 0.5 = chance. "
-            "Stochastic methods: mean ± std over their seeds. Correlations are with `exact` on the same (n,) scores.",
+            + _seed_note(result)
+            + "Correlations are with `exact` on the same (n,) scores.",
             "",
             *section(None, headers, rows),
         ]
@@ -519,8 +539,8 @@ def mislabel_demo(
     """``fastinf demo``: mislabelled-data detection on Rotten Tomatoes with the bundled MiniLM + LoRA
     (``synthetic=False``) or on the synthetic task, every method, one report.
 
-    Sizes: real 600/150 (``quick``: 160/40), synthetic 1000/200 (``quick``: 400/100); ``n_train`` /
-    ``n_test`` override. ``seeds``: how many seeds a stochastic method runs (``seed``, ``seed+1``, ...).
+    Sizes: real ``MislabelSettings()`` / ``MislabelSettings.quick()``, synthetic :data:`SYNTHETIC_SIZES`;
+    ``n_train`` / ``n_test`` override. ``seeds``: how many seeds a stochastic method runs (``seed``, ``seed+1``, ...).
     ``sweeps``: damping / iteration sweeps (default: on, off with ``quick`` for the synthetic task).
     ``exact`` is always run: it is the reference of the correlations.
     """
@@ -533,9 +553,10 @@ def mislabel_demo(
         if sweeps is None:
             overrides["sweeps"] = not quick
         s = MislabelSettings(rrinf_iterations=(1000, 10_000), **overrides)
+        size = SYNTHETIC_SIZES["quick" if quick else "full"]
         return synthetic_mislabel_experiment(
-            n_train=n_train or (400 if quick else 1000),
-            n_test=n_test or (100 if quick else 200),
+            n_train=n_train or size[0],
+            n_test=n_test or size[1],
             seed=seed,
             methods=methods,
             settings=s,
