@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..gradients.gradient_set import GradientSet, align_test
+from ..gradients.store import GradientStore, check_same_model
 from ..traces.loss_trace import LossTrace
 
 log = logging.getLogger("fastinf")
@@ -158,11 +159,24 @@ def _as_dtype(x: Any, fieldname: str) -> torch.dtype | None:
 
 @dataclass
 class EstimatorOptions:
-    """Options shared by the gradient-based estimators."""
+    """Options shared by the gradient-based estimators.
+
+    ``damping`` follows one rule for every gradient method: ``"auto"`` or a positive finite float
+    (λ = 0 would divide by zero in every method that uses it). Methods that do not use damping
+    (``hessian_free``; see ``method_info(name).uses_damping``) validate it by the same rule and then
+    ignore it, so that one set of options can be passed to every method.
+
+    Raises:
+        ValueError: an invalid option, naming it (the estimator's constructor prefixes its class
+            name: "DataInf: damping must be 'auto' or a positive finite float, got 0").
+    """
 
     damping: float | str = field(
         default="auto",
-        metadata={"help": "'auto' = damping_factor × mean squared gradient entry (METHODS.md §0), or an absolute λ"},
+        metadata={
+            "help": "'auto' = damping_factor × mean squared gradient entry (METHODS.md §0), or an absolute λ > 0; "
+            "validated but ignored by methods that do not use damping (hessian_free)"
+        },
     )
     damping_factor: float = field(default=0.1, metadata={"help": "coefficient of the 'auto' rule (0.1 in both papers)"})
     blockwise: bool = field(default=False, metadata={"help": "per-block (True) or global (False) preconditioner"})
@@ -172,17 +186,21 @@ class EstimatorOptions:
     chunk_size: int | None = field(
         default=None, metadata={"help": "training examples per chunk in topk/self_influence (None: automatic)"}
     )
+    allow_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "score/topk a test GradientStore whose manifest records another model or adapter than the "
+            "training store's (default: refuse with a StoreError; see fastinf.gradients.store.check_same_model)"
+        },
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.damping, str):
-            if self.damping != "auto":
-                raise ValueError(f"damping must be 'auto' or a non-negative float, got {self.damping!r}")
-        else:
-            if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
-                raise ValueError(f"damping must be 'auto' or a non-negative float, got {self.damping!r}")
-            if not math.isfinite(self.damping) or self.damping < 0:
-                raise ValueError(f"damping must be a finite non-negative float, got {self.damping}")
-            self.damping = float(self.damping)
+        if self.damping != "auto":
+            d = self.damping
+            ok = not isinstance(d, (bool, str)) and isinstance(d, (int, float)) and math.isfinite(d) and d > 0
+            if not ok:
+                raise ValueError(f"damping must be 'auto' or a positive finite float, got {d!r}")
+            self.damping = float(d)
         if not (isinstance(self.damping_factor, (int, float)) and self.damping_factor > 0):
             raise ValueError(f"damping_factor must be > 0, got {self.damping_factor!r}")
         self.dtype = _as_dtype(self.dtype, "dtype")
@@ -192,6 +210,8 @@ class EstimatorOptions:
             raise ValueError(f"backend must be 'auto', 'cuda', 'triton' or 'torch', got {self.backend!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
+        if not isinstance(self.allow_mismatch, bool):
+            raise ValueError(f"allow_mismatch must be a bool, got {self.allow_mismatch!r}")
 
 
 _REDUCE = (None, "mean", "sum")
@@ -234,11 +254,20 @@ class BaseEstimator:
     Options: ClassVar[type] = object
 
     def __init__(self, **options: Any) -> None:
+        """Validate the options (the ``Options`` dataclass's fields).
+
+        Raises:
+            TypeError: an unknown option.
+            ValueError: an invalid option value: "<Class>: <option> must be ..., got ...".
+        """
         valid = {f.name for f in dataclasses.fields(self.Options)}
         unknown = sorted(set(options) - valid)
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown option(s) {unknown}; valid options: {sorted(valid)}")
-        self.options = self.Options(**options)
+        try:
+            self.options = self.Options(**options)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {e}") from None
         self.train_: Any = None
 
     def __repr__(self) -> str:
@@ -286,6 +315,7 @@ class Estimator(BaseEstimator):
     input_kind: ClassVar[str] = "gradients"
     uses_damping: ClassVar[bool] = True
     Options: ClassVar[type[EstimatorOptions]] = EstimatorOptions
+    # False: the 'auto' rule may give λ = 0 without an error (a method that does not divide by λ)
     requires_positive_damping: ClassVar[bool] = True
     default_dtype: ClassVar[torch.dtype | None] = None  # None: input promoted to float32
     # False: keep the training gradients in their own dtype (≥ float32) and cast one block at a time
@@ -294,20 +324,52 @@ class Estimator(BaseEstimator):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        if self.requires_positive_damping and self.options.damping == 0.0:
-            raise ValueError(f"{type(self).__name__}: damping must be > 0 (it divides by λ)")
         self.train_: GradientSet | None = None
+        self._train_store: GradientStore | None = None
 
     # ------------------------------------------------------------------------- fitting
     def fit(self, train: GradientSet | torch.Tensor) -> Estimator:
-        """Fit on the training gradients (a GradientSet, or an (n, D) tensor). Returns ``self``."""
+        """Fit on the training gradients (a GradientSet, a GradientStore, or an (n, D) tensor). Returns ``self``.
+
+        Raises:
+            TypeError: not gradients, or a non-floating dtype.
+            ValueError: ``damping="auto"`` on training gradients that are all zero where the method
+                needs λ > 0: one message naming the zero blocks (all of them, or their count and the
+                first few); method-specific problems.
+        """
         train = self._coerce(train, "train")
+        self._train_store = train if isinstance(train, GradientStore) else None
         self.compute_dtype_ = self._compute_dtype(train)
         storage = self.compute_dtype_ if self.cast_storage else torch.promote_types(train.dtype, torch.float32)
         self.train_ = train.to(device=self.options.device, dtype=storage)
         self.n_ = self.train_.n
-        self._fit()
+        try:
+            self._fit()
+        except ValueError as e:
+            # methods that compute the 'auto' λ themselves report the first zero group: name them all
+            if self.options.damping == "auto" and "damping='auto' gives λ = 0" in str(e):
+                raise self._zero_damping_error() from None
+            raise
         return self
+
+    def _zero_damping_error(self) -> ValueError:
+        """The error of ``damping="auto"`` on all-zero training gradients: every zero block, or their
+        count and the first three when there are more than five."""
+        train = self._check_fitted()
+        zero = [k for k in train.names if not bool(train[k].any())]
+        if not zero:  # not exactly zero: the mean square underflowed in the compute dtype
+            return ValueError(
+                f"{type(self).__name__}: damping='auto' gives λ = 0 because the training gradients' mean square "
+                f"underflows to 0 in {self.compute_dtype_}; pass an explicit damping (a positive float) or "
+                "dtype=torch.float64"
+            )
+        shown = ", ".join(repr(k) for k in zero[: 5 if len(zero) <= 5 else 3])
+        listing = f"({shown})" if len(zero) <= 5 else f"(e.g. {shown})"
+        return ValueError(
+            f"{type(self).__name__}: damping='auto' gives λ = 0 because the training gradients of "
+            f"{len(zero)} of {len(train.names)} blocks {listing} are all zero; pass an explicit damping "
+            "(a positive float)"
+        )
 
     def _fit(self) -> None:  # pragma: no cover - overridden
         pass
@@ -332,6 +394,8 @@ class Estimator(BaseEstimator):
     def _prep_test(self, test: GradientSet | torch.Tensor) -> GradientSet:
         train = self._check_fitted()
         test = self._coerce(test, "test")
+        if self._train_store is not None and isinstance(test, GradientStore) and not self.options.allow_mismatch:
+            check_same_model(self._train_store, test)
         if isinstance(test, GradientSet) and test.names == ["all"] and train.names != ["all"]:
             if test.dim != train.dim:
                 raise ValueError(f"test has width {test.dim} but the training gradients have D = {train.dim}")
@@ -360,11 +424,7 @@ class Estimator(BaseEstimator):
         width = sum(train.dims[k] for k in group)
         lam = self.options.damping_factor * tot / (train.n * width)
         if not lam > 0 and self.requires_positive_damping:
-            raise ValueError(
-                f"{type(self).__name__}: the training gradients of {group[:3]}{'...' if len(group) > 3 else ''} "
-                "are all "
-                "zero, so damping='auto' gives λ = 0; pass an explicit damping"
-            )
+            raise self._zero_damping_error()
         return lam
 
     @property
@@ -414,6 +474,12 @@ class Estimator(BaseEstimator):
 
         Returns (m, n) with row j = test example j, column i = training example i, or (n,) for
         ``reduce="mean"`` (influence on the mean test loss) / ``"sum"``. Positive = harmful.
+
+        Raises:
+            StoreError: fitted on a GradientStore and given a test GradientStore captured from another
+                model or adapter (unless ``allow_mismatch=True``; see
+                :func:`fastinf.gradients.store.check_same_model`).
+            ValueError: test blocks that do not match the training blocks; a bad ``reduce``.
         """
         test = self._prep_test(test)
         _check_reduce(reduce)
@@ -434,6 +500,10 @@ class Estimator(BaseEstimator):
         """The k largest (or smallest) scores per test example, without forming the (m, n) matrix.
 
         Returns ``(values (m, k), indices (m, k))`` sorted like ``torch.topk``.
+
+        Raises:
+            StoreError: train and test stores of different models or adapters, as in :meth:`score`.
+            ValueError: ``k`` not in [1, n]; test blocks that do not match the training blocks.
         """
         test = self._prep_test(test)
         self._check_k(k, self.n_)

@@ -38,15 +38,29 @@ __all__ = ["Z0Inf", "neighbor_sets", "spearman_matrix"]
 
 def neighbor_sets(T: int, K: int, window: str = "window") -> list[list[int]]:
     """𝒩_t for t = 0..T−1: ``window`` = the K nearest indices (ties toward the smaller index);
-    ``tail`` = the last K//2 indices of the run, excluding t."""
+    ``tail`` = the last K//2 indices of the run, excluding t. K is Z0Inf's ``neighbors`` option.
+
+    Raises:
+        ValueError: too few checkpoints for K (``window``: T ≥ K + 1; ``tail``: K ≥ 2 and
+            T ≥ K//2 + 1), saying which option to lower or how many checkpoints are needed.
+    """
     if window == "window":
         if T < K + 1:
-            raise ValueError(f"window neighbours need T ≥ K + 1 checkpoints; got T = {T}, K = {K}")
+            fewer = f"use fewer neighbors (at most neighbors={T - 1}) or " if T >= 2 else ""
+            raise ValueError(
+                f"window='window' needs more checkpoints than neighbors (T ≥ K + 1, K = the neighbors option): "
+                f"got neighbors={K} and T = {T} checkpoints; {fewer}more checkpoints (at least {K + 1})"
+            )
         return [sorted(sorted((s for s in range(T) if s != t), key=lambda s: (abs(s - t), s))[:K]) for t in range(T)]
     if window == "tail":
         h = K // 2
-        if h < 1 or T < h + 1:
-            raise ValueError(f"tail neighbours need K ≥ 2 and T ≥ K//2 + 1; got T = {T}, K = {K}")
+        if h < 1:
+            raise ValueError(f"window='tail' uses the last neighbors//2 checkpoints: needs neighbors ≥ 2, got {K}")
+        if T < h + 1:
+            raise ValueError(
+                f"window='tail' needs T ≥ neighbors//2 + 1 checkpoints: got neighbors={K} and T = {T} checkpoints; "
+                f"use fewer neighbors or more checkpoints (at least {h + 1})"
+            )
         return [[s for s in range(T - h, T) if s != t] for t in range(T)]
     raise ValueError(f"window must be 'window' or 'tail', got {window!r}")
 

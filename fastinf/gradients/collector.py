@@ -13,6 +13,7 @@ its train/eval state restored afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -308,14 +309,28 @@ class LoRAGradientCollector:
 
     # ------------------------------------------------------------------------------ whole loader
     def collect(
-        self, dataloader: Iterable[Mapping[str, Any]], *, store: Any = None, progress: bool = True, overwrite=False
+        self,
+        dataloader: Iterable[Mapping[str, Any]],
+        *,
+        store: Any = None,
+        progress: bool = True,
+        overwrite: bool = False,
     ) -> GradientSet:
         """Per-example gradients of every example of ``dataloader`` (in order): a GradientSet.
 
         With ``store`` (a directory path or a :class:`~fastinf.gradients.store.GradientStore`), each
-        batch is appended to the on-disk store (atomic shards); an interrupted capture resumes from
-        the last complete shard (the dataloader must yield the same batches in the same order), and
-        the store is returned, opened lazily.
+        batch is appended to the on-disk store (atomic shards, each recording a digest of its batch);
+        an interrupted capture resumes from the last complete shard (the dataloader must yield the
+        same batches in the same order), a complete store of the same capture and data is reused
+        without recomputing anything, damaged shards are recomputed and rewritten (with a warning),
+        and the store is returned, opened lazily. ``overwrite=True`` replaces whatever the directory
+        holds.
+
+        Raises:
+            StoreError: (with ``store``, unless ``overwrite``) the directory holds a capture with other
+                arguments, a model with other adapter weights, or other data (other content, fewer or
+                more rows: see :meth:`GradientStore.fill`); messages end in "pass overwrite=True".
+            ValueError: the dataloader yields no batches; a loss that is not (N,) or not finite.
         """
         if store is not None:
             from .store import GradientStore
@@ -334,7 +349,10 @@ class LoRAGradientCollector:
         return GradientSet({n: torch.cat(v) for n, v in parts.items()})
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies a capture: model class, adapter config, block names and dims, dtype, projection."""
+        """What identifies a capture: model class, adapter config, adapter weights (SHA-256 of every
+        LoRA / ``modules_to_save`` weight, and the sum of |weights| of the captured blocks), loss
+        function, block names and dims, dtype, projection. A store records it in its manifest;
+        :func:`~fastinf.gradients.store.check_same_model` compares two of them."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         cfg = getattr(self.model, "peft_config", None)
         adapter = {}
@@ -346,11 +364,21 @@ class LoRAGradientCollector:
         wsum = 0.0
         for n in self.block_names:
             wsum += float(params[n].detach().double().abs().sum())
+        # every adapter weight (also of LoRA layers not captured: they change the gradients too) and
+        # every captured block, by name, dtype, shape and bytes
+        h = hashlib.sha256()
+        tracked = set(self.block_names)
+        for n, p in params.items():
+            if n in tracked or "lora_" in n or "modules_to_save" in n:
+                t = p.detach().to("cpu").contiguous().reshape(-1)
+                h.update(f"{n}|{str(t.dtype).replace('torch.', '')}|{tuple(p.shape)}:".encode())
+                h.update(memoryview(t.view(torch.uint8).numpy()))
         return {
             "model_class": type(base).__name__,
             "name_or_path": str(getattr(getattr(base, "config", None), "_name_or_path", "")),
             "adapter_config": adapter,
             "adapter_weight_abs_sum": wsum,
+            "adapter_sha256": h.hexdigest(),
             "loss_fn": getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__),
             "blocks": self.block_dims,
             "dtype": str(self.dtype).replace("torch.", ""),

@@ -4,30 +4,45 @@ Layout::
 
     store/
       manifest.json           format, fastinf version, capture fingerprint (model class, adapter
-                              config, block names and dims, dtype, projection and seed), n, and one
-                              entry per shard {file, n, bytes, sha256}
+                              config, adapter weights' SHA-256, block names and dims, dtype, projection
+                              and seed), n, complete, and one entry per shard
+                              {file, n, bytes, sha256, data_sha256}
       shard-00000.safetensors one tensor per block, (n_shard, d_l)
       ...
 
 Writes are atomic: a shard is written to a temporary file, fsynced and renamed; then the manifest is
 rewritten the same way. A capture killed at any point leaves at most an orphan temporary file or an
 unlisted shard, both ignored and overwritten on resume, so resuming yields a store bit-identical to
-an uninterrupted run. A store whose fingerprint differs from the capture's refuses to mix unless
-``overwrite=True``. No pickle anywhere.
+an uninterrupted run. No pickle anywhere.
+
+A store knows what it holds, and refuses to stand for anything else:
+
+* its **model**: a store whose fingerprint differs from the capture's refuses to mix unless
+  ``overwrite=True``; :func:`check_same_model` refuses a train/test pair captured from different
+  models or adapters (estimators call it on the stores they are given);
+* its **data**: every shard records ``data_sha256``, the :func:`batch_digest` of the batch it was
+  computed from (every tensor of the batch, with its key, dtype and shape). Re-running a capture
+  (to resume it, or on a complete store) recomputes the digests — no forward pass — and refuses
+  other data, fewer or more rows, unless ``overwrite=True``; identical data reuses the shards;
+* its **completeness**: :meth:`GradientStore.open` refuses an interrupted capture unless
+  ``allow_incomplete=True``;
+* its **integrity**: every shard's size and SHA-256 are checked on first read (a truncated or
+  corrupted shard raises an error naming it); re-running the capture checks every shard and
+  recomputes and rewrites the damaged ones, with a logged warning naming them.
 
 ``GradientStore.open(path)`` is a :class:`GradientSet` whose blocks are read lazily from the shards
 (one block at a time, kept in a small cache), so estimators that work block by block never hold
-more than one block of the training gradients in memory. Every shard's size and SHA-256 are checked
-on first read; a truncated or corrupted shard raises an error naming it.
+more than one block of the training gradients in memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -39,10 +54,13 @@ from ..utils import atomic_write
 from ..version import __version__
 from .gradient_set import GradientSet, _first_bad_example
 
-__all__ = ["GradientStore", "StoreError"]
+__all__ = ["GradientStore", "StoreError", "batch_digest", "check_same_model"]
+
+log = logging.getLogger("fastinf")
 
 FORMAT = "fastinf-gradient-store"
-FORMAT_VERSION = 1
+# 2: shards record data_sha256, fingerprints the adapter weights' SHA-256 (version 1 stores stay readable)
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -56,6 +74,132 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _feed(h: Any, x: Any) -> None:
+    """Feed a canonical, type-tagged encoding of ``x`` into the hash ``h`` (see :func:`batch_digest`)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+        h.update(f"T{str(t.dtype).replace('torch.', '')}{tuple(t.shape)}:".encode())
+        if t.numel():
+            t = t.to("cpu").contiguous().reshape(-1)
+            h.update(memoryview(t.view(torch.uint8).numpy()))
+    elif isinstance(x, Mapping):
+        h.update(f"M{len(x)}:".encode())
+        for k in sorted(x, key=str):
+            _feed(h, str(k))
+            _feed(h, x[k])
+    elif isinstance(x, (list, tuple)):
+        h.update(f"L{len(x)}:".encode())
+        for v in x:
+            _feed(h, v)
+    elif isinstance(x, str):
+        b = x.encode()
+        h.update(f"S{len(b)}:".encode() + b)
+    elif x is None or isinstance(x, (bool, int, float)):
+        h.update(f"V{x!r};".encode())
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+        h.update(f"D{type(x).__qualname__}:".encode())
+        _feed(h, {f.name: getattr(x, f.name) for f in dataclasses.fields(x)})
+    elif hasattr(x, "__array__") and hasattr(x, "dtype") and hasattr(x, "shape"):  # numpy arrays
+        import numpy as np
+
+        a = np.ascontiguousarray(x)
+        h.update(f"A{a.dtype}{tuple(a.shape)}:".encode())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    else:  # opaque objects: only their type counts
+        h.update(f"O{type(x).__module__}.{type(x).__qualname__};".encode())
+
+
+def batch_digest(batch: Any) -> str:
+    """SHA-256 (hex) of everything a batch holds: what a store's shard records as ``data_sha256``.
+
+    Covers every tensor of the batch (``input_ids``, ``attention_mask``, ``labels``, ``pixel_values``,
+    ``index``, ...) with its key, dtype, shape and bytes, in sorted key order (so the dict's order does
+    not matter), and strings, numbers, lists, tuples, dataclasses, numpy arrays and nested mappings by
+    value; other objects count by their type only (a batch of such objects cannot be told apart).
+    Cheap: no forward pass; tensors are hashed on the CPU.
+    """
+    h = hashlib.sha256()
+    _feed(h, batch)
+    return h.hexdigest()
+
+
+# fingerprint keys that identify the model and adapter (loss_fn and dtype may differ between train and test)
+_MODEL_KEYS = ("model_class", "name_or_path", "adapter_config", "projection", "projection_seed")
+
+
+def _short(v: Any) -> str:
+    r = repr(v) if not isinstance(v, str) else v
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _model_differences(a: Mapping, b: Mapping) -> list[str]:
+    """Short descriptions of how two capture fingerprints differ in model or adapter (empty: the same)."""
+    out: list[str] = []
+    for k in ("model_class", "name_or_path"):
+        if a.get(k) != b.get(k):
+            what = "model classes" if k == "model_class" else "base models"
+            out.append(f"different {what}: {_short(a.get(k))} vs {_short(b.get(k))}")
+    ca, cb = a.get("adapter_config") or {}, b.get("adapter_config") or {}
+    if ca != cb:
+        if set(ca) != set(cb):
+            out.append(f"different adapter names: {sorted(ca)} vs {sorted(cb)}")
+        else:
+            keys = sorted({kk for k in ca for kk in set(ca[k]) | set(cb[k]) if ca[k].get(kk) != cb[k].get(kk)})
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            out.append(f"different adapter configs (in {', '.join(keys[:3])}{more})")
+    sa, sb = a.get("adapter_sha256"), b.get("adapter_sha256")
+    if sa is not None and sb is not None:
+        if sa != sb:
+            out.append(f"different adapters: {sa[:12]} vs {sb[:12]} (SHA-256 of the adapter weights)")
+    elif a.get("adapter_weight_abs_sum") != b.get("adapter_weight_abs_sum"):
+        out.append(
+            f"different adapters: weight |sums| {_short(a.get('adapter_weight_abs_sum'))} vs "
+            f"{_short(b.get('adapter_weight_abs_sum'))}"
+        )
+    for k in ("projection", "projection_seed"):
+        if a.get(k) != b.get(k):
+            out.append(f"{k.replace('_', ' ')} {a.get(k)} vs {b.get(k)}")
+    ba, bb = dict(a.get("blocks") or {}), dict(b.get("blocks") or {})
+    if len(ba) != len(bb):
+        out.append(f"{len(ba)} vs {len(bb)} blocks")
+    elif list(ba) != list(bb):
+        diff = [(x, y) for x, y in zip(ba, bb, strict=True) if x != y]
+        out.append(f"{len(diff)} of {len(ba)} block names differ (e.g. {_short(diff[0][0])} vs {_short(diff[0][1])})")
+    elif ba != bb:
+        diff = [k for k in ba if ba[k] != bb[k]]
+        k = diff[0]
+        out.append(f"{len(diff)} of {len(ba)} blocks differ in width (e.g. {_short(k)}: {ba[k]} vs {bb[k]})")
+    return out
+
+
+def check_same_model(train: GradientStore | str | os.PathLike, test: GradientStore | str | os.PathLike) -> None:
+    """Refuse a train/test pair of stores captured from different models or adapters.
+
+    Compares the fingerprints their manifests record: model class, base model name, adapter config,
+    adapter weights (SHA-256; older stores: the sum of |weights|), projection and its seed, and the
+    block names and widths. The loss function and the storage dtype may differ.
+
+    Args:
+        train, test: :class:`GradientStore` objects, or store directories.
+
+    Raises:
+        StoreError: the fingerprints differ; one line summing up the differences (e.g.
+            ``"different adapters: 1a2b3c4d5e6f vs 9f8e7d6c5b4a"``, ``"26 vs 120 blocks"``), never a
+            list of block names, ending in "pass allow_mismatch=True" (``--allow-mismatch`` on the CLI).
+    """
+    fps = []
+    for st in (train, test):
+        man = st.manifest if isinstance(st, GradientStore) else GradientStore._read_manifest(Path(st))
+        fps.append((Path(st.path if isinstance(st, GradientStore) else st), man.get("fingerprint") or {}))
+    (pa, fa), (pb, fb) = fps
+    diffs = _model_differences(fa, fb)
+    if diffs:
+        raise StoreError(
+            f"the train store {pa} and the test store {pb} were captured from different models: "
+            f"{'; '.join(diffs)}; pass allow_mismatch=True to use them together anyway"
+        )
 
 
 class _LazyBlocks(Mapping):
@@ -113,7 +257,14 @@ class GradientStore(GradientSet):
 
         ``collector_or_fingerprint``: a :class:`LoRAGradientCollector` or a fingerprint dict with at
         least ``"blocks"`` (name -> dim) and ``"dtype"``. An existing store with the same fingerprint
-        is reopened for resuming; a different one raises unless ``overwrite=True`` (then it is wiped).
+        is reopened for writing, complete or not (an incomplete one is not refused here: this is how
+        a capture resumes; :meth:`fill` then checks its shards against the data); a different one
+        raises unless ``overwrite=True`` (then it is wiped).
+
+        Raises:
+            StoreError: the directory holds a store of another capture (and not ``overwrite``), or
+                is a non-empty directory that is not a store, or holds an unreadable manifest.
+            TypeError: ``collector_or_fingerprint`` is neither.
         """
         fp = collector_or_fingerprint
         if hasattr(fp, "fingerprint"):
@@ -155,17 +306,27 @@ class GradientStore(GradientSet):
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, allow_incomplete: bool = False) -> GradientStore:
-        """Open an existing store for reading (lazily)."""
+        """Open an existing store for reading (lazily).
+
+        Args:
+            path: the store directory.
+            allow_incomplete: also open a store whose capture was interrupted (it holds only the
+                rows captured so far).
+
+        Raises:
+            StoreError: not a store (no or invalid manifest, newer format); the capture did not finish
+                (unless ``allow_incomplete``: "store X is incomplete: 208 rows, capture not finished;
+                re-run the capture to resume, or pass allow_incomplete=True"); no rows at all.
+        """
         path = Path(path)
         manifest = cls._read_manifest(path)
+        if not manifest.get("complete", False) and not allow_incomplete:
+            raise StoreError(
+                f"store {path} is incomplete: {manifest['n']} rows, capture not finished; "
+                "re-run the capture to resume, or pass allow_incomplete=True"
+            )
         if not manifest["shards"]:
             raise StoreError(f"{path}: the store holds no examples yet")
-        if not manifest.get("complete", False):
-            msg = (
-                f"{path}: the capture did not finish ({manifest['n']} examples stored); resume it to complete the store"
-            )
-            if not allow_incomplete:
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return cls(path, manifest)
 
     @staticmethod
@@ -186,8 +347,44 @@ class GradientStore(GradientSet):
         return manifest
 
     # ------------------------------------------------------------------------------ writing
-    def append(self, blocks: Mapping[str, torch.Tensor]) -> None:
-        """Append one shard (atomically): name -> (N, d_l) for every block of the store."""
+    def append(self, blocks: Mapping[str, torch.Tensor], *, data_sha256: str | None = None) -> None:
+        """Append one shard (atomically): name -> (N, d_l) for every block of the store.
+
+        ``data_sha256``: the :func:`batch_digest` of the batch the rows were computed from (what
+        :meth:`fill` records and later checks the data against); a shard without it cannot be checked,
+        so a capture re-run on it refuses (``overwrite=True`` recomputes).
+
+        Raises:
+            ValueError: blocks that do not match the store's names or widths, ragged row counts,
+                non-finite values.
+        """
+        idx = len(self.manifest["shards"])
+        data, n_new = self._encode(blocks, idx, self.n_stored)
+        fname = f"shard-{idx:05d}.safetensors"
+        atomic_write(self.path / fname, data, durable=True)
+        entry = {"file": fname, "n": n_new, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if data_sha256 is not None:
+            entry["data_sha256"] = data_sha256
+        self.manifest["shards"].append(entry)
+        self.manifest["n"] += n_new
+        self._write_manifest()
+
+    def _rewrite_shard(self, idx: int, blocks: Mapping[str, torch.Tensor]) -> None:
+        """Recompute shard ``idx`` in place (atomically) from freshly computed ``blocks``."""
+        e = self.manifest["shards"][idx]
+        row0 = sum(s["n"] for s in self.manifest["shards"][:idx])
+        data, n_new = self._encode(blocks, idx, row0)
+        if n_new != e["n"]:  # pragma: no cover - fill() checked the batch's rows against the shard's
+            raise StoreError(f"{self.path}: batch {idx} gave {n_new} rows, shard {idx} holds {e['n']}")
+        atomic_write(self.path / e["file"], data, durable=True)
+        self._verified.discard(e["file"])
+        sha = hashlib.sha256(data).hexdigest()
+        if (len(data), sha) != (e["bytes"], e["sha256"]):  # e.g. non-deterministic kernels on a GPU
+            e["bytes"], e["sha256"] = len(data), sha
+            self._write_manifest()
+
+    def _encode(self, blocks: Mapping[str, torch.Tensor], idx: int, row0: int) -> tuple[bytes, int]:
+        """Validate one shard's blocks and serialise them: (safetensors bytes, rows)."""
         from safetensors.torch import save
 
         if set(blocks) != set(self._dims):
@@ -205,38 +402,48 @@ class GradientStore(GradientSet):
                 raise ValueError("append: blocks have different numbers of examples")
             bad = _first_bad_example(t)
             if bad is not None:
-                raise ValueError(
-                    f"block {name!r}: non-finite gradient for example {self.n_stored + bad} of the capture"
-                )
+                raise ValueError(f"block {name!r}: non-finite gradient for example {row0 + bad} of the capture")
             tensors[name] = t.detach().to(device="cpu", dtype=dtype).contiguous()
-        idx = len(self.manifest["shards"])
-        fname = f"shard-{idx:05d}.safetensors"
         data = save(tensors, metadata={"format": f"{FORMAT}/{idx}"})  # one key: deterministic header
-        atomic_write(self.path / fname, data, durable=True)
-        entry = {"file": fname, "n": int(n_new), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        self.manifest["shards"].append(entry)
-        self.manifest["n"] += int(n_new)
-        self._write_manifest()
+        return data, int(n_new)
 
     def _write_manifest(self) -> None:
         atomic_write(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode(), durable=True)
 
     def mark_complete(self) -> None:
-        self.manifest["complete"] = True
-        self._write_manifest()
+        """Record that the capture finished (:meth:`open` then reads the store without ``allow_incomplete``)."""
+        if not self.manifest.get("complete"):
+            self.manifest["complete"] = True
+            self._write_manifest()
 
     @property
     def n_stored(self) -> int:
         return int(self.manifest["n"])
 
     def fill(self, collector: Any, dataloader: Iterable, *, progress: bool = True) -> GradientStore:
-        """Capture every batch of ``dataloader`` not yet stored (resume), one shard per batch."""
+        """Capture every batch of ``dataloader`` not yet stored (resume), one shard per batch.
+
+        Every batch is first checked against the shard that already claims to hold it (its
+        :func:`batch_digest` and row count: no forward pass), so a re-run resumes an interrupted
+        capture, reuses a complete store of the same data without recomputing anything, and refuses
+        other data. A stored shard whose file is missing, truncated or corrupted is recomputed from
+        its batch and rewritten atomically, with a warning (logger ``"fastinf"``) naming it. Returns
+        the complete store, opened for reading.
+
+        Raises:
+            StoreError: the data differs from what the store holds: a batch with other content or
+                rows than its shard ("shard 3 holds other data than batch 3"), fewer or more rows in
+                all ("the store holds 20 rows, the data 5"), or a shard that recorded no data digest;
+                each message ends in "pass overwrite=True" (recompute the store from scratch).
+            ValueError: the dataloader yielded no batches.
+        """
         from tqdm.auto import tqdm
 
-        if self.manifest.get("complete"):
-            return GradientStore.open(self.path)
-        done = self.n_stored
-        seen = 0
+        shards = self.manifest["shards"]
+        stored, complete = len(shards), bool(self.manifest.get("complete"))
+        rows = batches = 0
+        mismatch: str | None = None  # the first difference; after it, batches are only counted
+        repaired: list[str] = []
         total = len(dataloader) if hasattr(dataloader, "__len__") else None
         bar = tqdm(
             dataloader,
@@ -245,21 +452,60 @@ class GradientStore(GradientSet):
             unit="batch",
             disable=not progress,
         )
-        for batch in bar:
-            if seen < done:
-                size = _batch_size(batch)
-                if seen + size > done:
-                    raise StoreError(
-                        f"{self.path}: the dataloader's batches do not line up with the stored shards "
-                        f"({done} examples stored, a batch spans {seen}..{seen + size}); resume with the same loader"
-                    )
-                seen += size
+        rows_known = True  # False once a batch's rows could not be told (a batch without tensors)
+        for i, batch in enumerate(bar):
+            batches = i + 1
+            size = _batch_size(batch, strict=False)
+            if mismatch is None and i >= stored and not complete:  # not stored yet: capture it
+                digest = batch_digest(batch)
+                grads = collector.batch_gradients(batch)
+                self.append(grads, data_sha256=digest)
+                rows += next(iter(grads.values())).shape[0]
                 continue
-            grads = collector.batch_gradients(batch)
-            self.append(grads)
-            seen += next(iter(grads.values())).shape[0]
-        if self.n_stored == 0:
+            if mismatch is None and i < stored:
+                e = shards[i]
+                if e.get("data_sha256") is None:
+                    raise StoreError(
+                        f"{self.path}: shard {i} records no digest of its data (written by an older fastinf or by "
+                        "append() without data_sha256), so it cannot be checked against the data; "
+                        "pass overwrite=True to recompute the store"
+                    )
+                if size is not None and e["n"] != size:
+                    mismatch = (
+                        f"shard {i} holds other data than batch {i} ({e['n']} rows vs {size}: other data, or the "
+                        "same data in batches of another size)"
+                    )
+                elif e["data_sha256"] != batch_digest(batch):
+                    mismatch = f"shard {i} holds other data than batch {i} (same {e['n']} rows, other content)"
+                else:
+                    rows += e["n"]
+                    problem = self._shard_problem(e)
+                    if problem is not None:
+                        self._rewrite_shard(i, collector.batch_gradients(batch))
+                        repaired.append(e["file"])
+                        log.warning("%s: %s; recomputed it from batch %d", self._shard_path(e), problem, i)
+                    continue
+            elif mismatch is None:  # a complete store, and the data goes on
+                mismatch = f"the store holds {stored} batches, the data more"
+            # after the first difference the remaining batches are only counted, for the message
+            if size is None:
+                rows_known = False
+            else:
+                rows += size
+        if batches == 0 and stored == 0:
             raise ValueError("the dataloader yielded no batches: nothing to capture")
+        if mismatch is not None or batches < stored:
+            if rows_known and rows != self.n_stored and (complete or rows < self.n_stored):
+                what = f"the store holds {self.n_stored} rows, the data {rows}"
+            else:
+                what = mismatch or f"the store holds {stored} batches, the data {batches}"
+            state = "" if complete else " (an unfinished capture)"
+            raise StoreError(
+                f"{self.path}{state}: {what}; pass overwrite=True to recompute the store from this data, "
+                "or use another directory"
+            )
+        if len(repaired) > 1:
+            log.warning("%s: rewrote %d damaged shard(s): %s", self.path, len(repaired), ", ".join(repaired))
         self.mark_complete()
         return GradientStore.open(self.path)
 
@@ -267,17 +513,25 @@ class GradientStore(GradientSet):
     def _shard_path(self, entry: dict) -> Path:
         return self.path / entry["file"]
 
+    def _shard_problem(self, entry: dict) -> str | None:
+        """Why a shard's file does not match its manifest entry (missing, size, SHA-256), or None."""
+        p = self._shard_path(entry)
+        if not p.exists():
+            return "shard listed in the manifest is missing"
+        size = p.stat().st_size
+        if size != entry["bytes"]:
+            return f"shard is truncated or was modified ({size} bytes, manifest says {entry['bytes']})"
+        if _sha256(p) != entry["sha256"]:
+            return "shard checksum mismatch (the file is corrupted)"
+        return None
+
     def _check_shard(self, entry: dict) -> Path:
         p = self._shard_path(entry)
         if entry["file"] in self._verified:
             return p
-        if not p.exists():
-            raise StoreError(f"{p}: shard listed in the manifest is missing")
-        size = p.stat().st_size
-        if size != entry["bytes"]:
-            raise StoreError(f"{p}: shard is truncated or was modified ({size} bytes, manifest says {entry['bytes']})")
-        if _sha256(p) != entry["sha256"]:
-            raise StoreError(f"{p}: shard checksum mismatch (the file is corrupted)")
+        problem = self._shard_problem(entry)
+        if problem is not None:
+            raise StoreError(f"{p}: {problem}")
         self._verified.add(entry["file"])
         return p
 
@@ -374,11 +628,15 @@ class GradientStore(GradientSet):
         return self._rows(0, self.n)
 
 
-def _batch_size(batch: Any) -> int:
+def _batch_size(batch: Any, *, strict: bool = True) -> int | None:
+    """Rows of a batch (the first dimension of its first tensor); None (``strict=False``) or a
+    ValueError when the batch holds no tensor to tell."""
     if isinstance(batch, Mapping):
         for v in batch.values():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
                 return int(v.shape[0])
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
         return int(batch[0].shape[0])
+    if not strict:
+        return None
     raise ValueError("cannot tell the batch size of a batch without tensors")

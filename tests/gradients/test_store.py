@@ -63,18 +63,19 @@ def test_resume_after_crash_between_shards_is_bit_identical(setup, tmp_path, mon
     col.collect(loader, store=tmp_path / "ref", progress=False)
     real_append, calls = GradientStore.append, {"n": 0}
 
-    def crashing_append(self, blocks):
+    def crashing_append(self, blocks, **kw):
         if calls["n"] == 2:
             raise Crash()
         calls["n"] += 1
-        return real_append(self, blocks)
+        return real_append(self, blocks, **kw)
 
     monkeypatch.setattr(GradientStore, "append", crashing_append)
     with pytest.raises(Crash):
         col.collect(loader, store=tmp_path / "run", progress=False)
     monkeypatch.setattr(GradientStore, "append", real_append)
-    with pytest.warns(RuntimeWarning, match="did not finish"):
-        partial = GradientStore.open(tmp_path / "run")
+    with pytest.raises(StoreError, match="incomplete: 6 rows"):
+        GradientStore.open(tmp_path / "run")
+    partial = GradientStore.open(tmp_path / "run", allow_incomplete=True)
     assert partial.n == 6
     computed = []
     real_bg = fastinf.LoRAGradientCollector.batch_gradients
