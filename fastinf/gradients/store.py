@@ -125,10 +125,6 @@ def batch_digest(batch: Any) -> str:
     return h.hexdigest()
 
 
-# fingerprint keys that identify the model and adapter (loss_fn and dtype may differ between train and test)
-_MODEL_KEYS = ("model_class", "name_or_path", "adapter_config", "projection", "projection_seed")
-
-
 def _short(v: Any) -> str:
     r = repr(v) if not isinstance(v, str) else v
     return r if len(r) <= 40 else r[:37] + "..."
@@ -143,8 +139,12 @@ def _model_differences(a: Mapping, b: Mapping) -> list[str]:
             out.append(f"different {what}: {_short(a.get(k))} vs {_short(b.get(k))}")
     ca, cb = a.get("adapter_config") or {}, b.get("adapter_config") or {}
     if ca != cb:
-        if set(ca) != set(cb):
-            out.append(f"different adapter names: {sorted(ca)} vs {sorted(cb)}")
+        if not (isinstance(ca, Mapping) and isinstance(cb, Mapping)) or not all(
+            isinstance(v, Mapping) for v in [*ca.values(), *cb.values()]
+        ):
+            out.append("different adapter configs")
+        elif set(ca) != set(cb):
+            out.append(f"different adapter names: {_short(sorted(ca))} vs {_short(sorted(cb))}")
         else:
             keys = sorted({kk for k in ca for kk in set(ca[k]) | set(cb[k]) if ca[k].get(kk) != cb[k].get(kk)})
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
@@ -278,6 +278,12 @@ class GradientStore(GradientSet):
             old = cls._read_manifest(path)
             if old.get("fingerprint") == fp and not overwrite:
                 return cls(path, old)
+            if not overwrite and old.get("format_version", 1) < 2:
+                raise StoreError(
+                    f"{path} was written by an older fastinf (store format {old.get('format_version', 1)}), whose "
+                    "shards do not record their data, so it cannot be checked or resumed; pass overwrite=True "
+                    "to recompute it, or use another directory"
+                )
             if not overwrite:
                 diff = sorted(
                     k for k in set(fp) | set(old.get("fingerprint", {})) if fp.get(k) != old["fingerprint"].get(k)

@@ -146,3 +146,18 @@ def test_different_arguments_refuse_to_mix(setup, tmp_path):
         fastinf.LoRAGradientCollector(model).collect(loader, store=tmp_path / "junk", progress=False)
     with pytest.raises(StoreError, match="no manifest"):
         GradientStore.open(tmp_path / "junk")
+
+
+def test_a_format_1_store_is_read_but_not_resumed(setup, tmp_path):
+    model, loader = setup
+    col = fastinf.LoRAGradientCollector(model)
+    col.collect(loader, store=tmp_path / "s", progress=False)
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    man["format_version"] = 1  # as written before shards recorded their data
+    for e in man["shards"]:
+        del e["data_sha256"]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(man))
+    assert GradientStore.open(tmp_path / "s").n == 10  # still readable
+    with pytest.raises(StoreError, match="older fastinf.*pass overwrite=True"):
+        col.collect(loader, store=tmp_path / "s", progress=False)
+    assert col.collect(loader, store=tmp_path / "s", progress=False, overwrite=True).n == 10
