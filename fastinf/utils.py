@@ -123,6 +123,24 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _release_free_memory() -> None:
+    """Hand the C allocator's free pages back to the OS (glibc ``malloc_trim``), so that memory a block
+    reuses from earlier work shows up as growth of the resident set; a no-op elsewhere."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else False
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
 def _hwm_kb() -> int:
     try:
         return _status_kb("VmHWM")
@@ -137,7 +155,9 @@ class PeakMemory:
     """Peak memory a block of code adds, in MiB (``.mb``), without a sampling thread.
 
     CPU: the peak resident set size above the size at entry, from ``/proc/self/status`` VmHWM after
-    resetting it through ``/proc/self/clear_refs`` (Linux); elsewhere the growth of
+    resetting it through ``/proc/self/clear_refs`` (Linux; at entry the C allocator's free pages are
+    handed back with glibc ``malloc_trim``, so memory the block reuses from earlier work counts as
+    growth); elsewhere the growth of
     ``getrusage().ru_maxrss`` (0 when the block stays below an earlier peak of the process). CUDA
     (when available): the larger of that and ``torch.cuda.max_memory_allocated`` above its value at
     entry. Probes nest: an inner probe hands the peak it saw to the probes around it before it
@@ -153,6 +173,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if self._collect:
             gc.collect()
+            _release_free_memory()
         if self._cuda is None:
             self._cuda = "torch" in sys.modules and sys.modules["torch"].cuda.is_available()
         if self._cuda:
