@@ -126,9 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         where = f"{PROG} {argv[0]}" if argv and argv[0] in COMMANDS else PROG
         msg = " ".join(str(e).split()) or type(e).__name__
+        for option, flag in _FLAGS.items():  # the library names its options; the user typed flags
+            msg = msg.replace(f"pass {option}=True", f"pass {flag}")
         kind = "" if isinstance(e, CommandError) else f"{type(e).__name__}: "
         print(f"{where}: error: {kind}{msg}", file=sys.stderr)
         return 1
+
+
+# library option -> the command-line flag that sets it (for error messages)
+_FLAGS = {"overwrite": "--overwrite", "allow_incomplete": "--allow-incomplete", "allow_mismatch": "--allow-mismatch"}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -375,27 +381,23 @@ class GradsCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from .eval.jobs import capture_jsonl
-        from .gradients import StoreError
 
-        try:
-            store = capture_jsonl(
-                args.model,
-                args.data,
-                args.out,
-                adapter=args.adapter,
-                text_field=args.text_field,
-                label_field=args.label_field,
-                num_labels=args.num_labels,
-                r=args.r,
-                batch_size=args.batch_size,
-                max_length=args.max_length,
-                projection=args.projection,
-                overwrite=args.overwrite,
-                seed=args.seed,
-                progress=not args.no_progress,
-            )
-        except StoreError as e:
-            raise CommandError(str(e).replace("pass overwrite=True", "pass --overwrite")) from None
+        store = capture_jsonl(
+            args.model,
+            args.data,
+            args.out,
+            adapter=args.adapter,
+            text_field=args.text_field,
+            label_field=args.label_field,
+            num_labels=args.num_labels,
+            r=args.r,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            projection=args.projection,
+            overwrite=args.overwrite,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
         print(f"{store.n} examples × {len(store.names)} blocks (D = {store.dim}) in {args.out}")
         return 0
 
@@ -414,6 +416,12 @@ class ScoreCommand(Command):
         parser.add_argument("--smallest", action="store_true", help="with --topk: the k most helpful instead")
         parser.add_argument("--damping", type=_damping, default="auto")
         parser.add_argument(
+            "--allow-mismatch", action="store_true", help="score stores captured from different models or adapters"
+        )
+        parser.add_argument(
+            "--allow-incomplete", action="store_true", help="score stores whose capture has not finished"
+        )
+        parser.add_argument(
             "--out", type=Path, required=True, help="output .safetensors, or .csv (with --topk also OUT.indices.csv)"
         )
 
@@ -429,6 +437,8 @@ class ScoreCommand(Command):
             topk=args.topk,
             smallest=args.smallest,
             damping=args.damping,
+            allow_mismatch=args.allow_mismatch,
+            allow_incomplete=args.allow_incomplete,
         )
         print(f"{res['method']}: {res['shapes']} -> {', '.join(res['files'])} ({res['description']})")
         return 0

@@ -43,8 +43,23 @@ def test_grads_then_score(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     store = fastinf.GradientStore.open(tmp_path / "st")
     assert store.n == 5 and any("lora_A" in n for n in store.names) and any("classifier" in n for n in store.names)
-    again = cli("grads", "--model", "minilm", "--data", str(data), "--out", str(tmp_path / "st"), "--no-progress")
-    assert again.returncode == 0  # a complete store is reused, not recomputed or mixed
+    shard_bytes = {p.name: p.read_bytes() for p in (tmp_path / "st").glob("shard-*")}
+    again = cli(
+        "grads", "--model", "minilm", "--data", str(data), "--out", str(tmp_path / "st"), "--batch-size", "2",
+        "--no-progress",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr  # a complete store is reused, not recomputed or mixed
+    assert {p.name: p.read_bytes() for p in (tmp_path / "st").glob("shard-*")} == shard_bytes
+    # issue 13, item 1: other data into the same store is refused (before: exit 0 and the old gradients)
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"text": f"other text {i}", "label": i % 2}) for i in range(5)))
+    stale = cli(
+        "grads", "--model", "minilm", "--data", str(other), "--out", str(tmp_path / "st"), "--batch-size", "2",
+        "--no-progress",
+    )  # fmt: skip
+    err = [ln for ln in stale.stderr.splitlines() if ln.strip()]
+    assert stale.returncode == 1 and len(err) == 1 and "other data" in err[0] and "--overwrite" in err[0], err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "st").glob("shard-*")} == shard_bytes
     out = tmp_path / "s.safetensors"
     p = cli(
         "score",
@@ -77,3 +92,31 @@ def test_grads_then_score(tmp_path):
     assert p.returncode == 0 and load_file(str(tmp_path / "t.safetensors"))["indices"].shape == (5, 2)
     bad = cli("score", "--train", str(tmp_path / "nope"), "--test", str(tmp_path / "st"), "--out", str(out))
     assert bad.returncode != 0 and len([ln for ln in bad.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_score_refuses_stores_of_another_adapter_and_incomplete_stores(tmp_path):
+    """Issue 13, items 2 and 3: before, both exited 0 with scores."""
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(["a fine film", "dull", "great fun", "a mess"])]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    for name, seed in (("a", "0"), ("b", "7")):
+        p = cli("grads", "--model", "minilm", "--data", str(data), "--out", str(tmp_path / name), "--seed", seed,
+                "--batch-size", "2", "--no-progress")  # fmt: skip
+        assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "s.safetensors"
+    args = ["score", "--train", str(tmp_path / "a"), "--test", str(tmp_path / "b"), "--out", str(out)]
+    p = cli(*args)
+    err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 1 and len(err) == 1 and len(err[0]) < 400, p.stderr
+    assert "different adapters" in err[0] and "--allow-mismatch" in err[0] and not out.exists()
+    assert cli(*args, "--allow-mismatch").returncode == 0 and out.is_file()
+    # an interrupted capture: drop the completion mark from the manifest
+    man = tmp_path / "a" / "manifest.json"
+    m = json.loads(man.read_text())
+    m["complete"] = False
+    man.write_text(json.dumps(m))
+    args = ["score", "--train", str(tmp_path / "a"), "--test", str(tmp_path / "a"), "--out", str(out)]
+    p = cli(*args)
+    err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 1 and len(err) == 1 and "incomplete" in err[0] and "--allow-incomplete" in err[0], err
+    assert cli(*args, "--allow-incomplete").returncode == 0

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..estimators import available_methods, get_estimator, method_info
-from ..gradients import GradientStore, LoRAGradientCollector
+from ..gradients import GradientStore, LoRAGradientCollector, check_same_model
 from ..ops import backends as ops_backends
 from ..utils import atomic_write
 from ..version import __version__
@@ -220,17 +220,21 @@ def score_stores(
     topk: int | None = None,
     smallest: bool = False,
     damping: float | str = "auto",
+    allow_mismatch: bool = False,
+    allow_incomplete: bool = False,
 ) -> dict[str, Any]:
     """Score a training store against a test store with one gradient method and write the result.
 
     Output (by ``out``'s suffix): ``.safetensors`` with ``scores`` (m, n) — or (n,) with
     ``reduce="mean"`` — or, with ``topk``, ``values`` and ``indices`` (m, k) (never forming (m, n));
     ``.csv`` writes the scores (or the values, plus ``<out>.indices.csv``). Positive = harmful.
-    Returns ``{"method", "files", "shapes", "description"}``.
+    Returns ``{"method", "files", "shapes", "description"}``. The stores must come from the same
+    model and adapter and be complete, unless ``allow_mismatch`` / ``allow_incomplete``.
 
     Raises:
         ValueError: unknown method, an option that does not apply (``reduce`` with ``topk``,
-            ``smallest`` without ``topk``), an unsupported output suffix, unreadable stores.
+            ``smallest`` without ``topk``), an unsupported output suffix; ``StoreError`` (a
+            ValueError) for unreadable, incomplete or mismatched stores.
     """
     grad_methods = available_methods("gradients")
     if method not in grad_methods:
@@ -242,9 +246,12 @@ def score_stores(
     out = Path(out)
     if out.suffix not in SCORE_FORMATS:
         raise ValueError(f"output {out} must end in {' or '.join(SCORE_FORMATS)}")
-    train_store, test_store = GradientStore.open(train), GradientStore.open(test)
-    opts = {"damping": damping} if method_info(method).uses_damping else {}
-    est = get_estimator(method, **opts).fit(train_store)
+    train_store = GradientStore.open(train, allow_incomplete=allow_incomplete)
+    test_store = GradientStore.open(test, allow_incomplete=allow_incomplete)
+    if not allow_mismatch:
+        check_same_model(train_store, test_store)  # before any gradient is read
+    opts: dict[str, Any] = {"damping": damping} if method_info(method).uses_damping else {}
+    est = get_estimator(method, allow_mismatch=allow_mismatch, **opts).fit(train_store)
     if topk is not None:
         vals, idx = est.topk(test_store, topk, largest=not smallest)
         tensors = {"values": vals.float().contiguous(), "indices": idx.contiguous()}
