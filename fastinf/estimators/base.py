@@ -343,13 +343,7 @@ class Estimator(BaseEstimator):
         storage = self.compute_dtype_ if self.cast_storage else torch.promote_types(train.dtype, torch.float32)
         self.train_ = train.to(device=self.options.device, dtype=storage)
         self.n_ = self.train_.n
-        try:
-            self._fit()
-        except ValueError as e:
-            # methods that compute the 'auto' λ themselves report the first zero group: name them all
-            if self.options.damping == "auto" and "damping='auto' gives λ = 0" in str(e):
-                raise self._zero_damping_error() from None
-            raise
+        self._fit()
         return self
 
     def _zero_damping_error(self) -> ValueError:

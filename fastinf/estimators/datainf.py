@@ -63,10 +63,7 @@ class DataInf(Estimator):
                 width = sum(train.dims[k] for k in g)
                 lam = self.options.damping_factor * float(self.sqn_[tuple(g)].sum()) / (train.n * width)
                 if not lam > 0:
-                    raise ValueError(
-                        f"DataInf: the training gradients of {g[:3]} are all zero, so damping='auto' gives λ = 0; "
-                        "pass an explicit damping"
-                    )
+                    raise self._zero_damping_error()
                 self.lam_[tuple(g)] = lam
 
     @property

@@ -74,10 +74,7 @@ def _layer_lambdas(est: Estimator) -> dict[str, float]:
         for k in train.names
     }
     if not any(v > 0 for v in lam.values()):
-        raise ValueError(
-            f"{type(est).__name__}: the training gradients are all zero, so damping='auto' gives λ = 0; "
-            "pass an explicit damping"
-        )
+        raise est._zero_damping_error()
     return lam
 
 
