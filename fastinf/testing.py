@@ -44,6 +44,7 @@ __all__ = [
     "reference_tolerance",
     "rel_err",
     "require_backend",
+    "run_distributed",
     "tiny_bert",
     "tiny_llama",
     "tiny_lora_llama",
@@ -357,3 +358,69 @@ def require_backend(name: str) -> str:
     if state != "available":
         pytest.skip(f"{name}: {state}")
     return name
+
+
+# ------------------------------------------------------------------------------------ distributed
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _dist_worker(rank: int, world: int, port: int, fn: Any, args: tuple, queue: Any) -> None:
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        queue.put((rank, "ok", fn(*args)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
+        import traceback
+
+        queue.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_distributed(fn: Any, *args: Any, world_size: int = 2, timeout: float = 300.0) -> list[Any]:
+    """Run ``fn(*args)`` in ``world_size`` spawned processes of one gloo process group (CPU) and return
+    their results in rank order; an exception on any rank is raised here with its traceback.
+
+    ``fn`` and ``args`` must be picklable (a module-level function of an importable module).
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_dist_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size:
+        if time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            raise TimeoutError(f"run_distributed: {world_size - len(results)} rank(s) did not finish in {timeout} s")
+        if queue.empty():
+            if any(p.exitcode not in (None, 0) for p in procs) and queue.empty():
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"run_distributed: a rank died (exit codes {[p.exitcode for p in procs]})")
+            time.sleep(0.05)
+            continue
+        r, status, value = queue.get()
+        if status == "error":
+            for p in procs:
+                p.kill()
+            raise RuntimeError(f"rank {r} failed: {value}")
+        results[r] = value
+    for p in procs:
+        p.join(timeout=30)
+    return [results[r] for r in range(world_size)]

@@ -27,6 +27,7 @@ TOP = "fastinf"
 LAYERS: dict[str, int] = {
     "version": 0,  # leaves, importable by all
     "utils": 0,
+    "distributed": 0,  # torch.distributed helpers (rank, row split, collectives); imports only torch
     "ops": 1,  # reference ops + dispatcher, with their backends
     "kernels": 1,
     "_ext": 1,
