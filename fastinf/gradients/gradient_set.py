@@ -16,6 +16,20 @@ __all__ = ["GradientSet"]
 IndexLike = slice | int | Sequence[int] | torch.Tensor
 
 
+def chunk_range(n: int, size: int, start: int = 0, stop: int | None = None) -> tuple[int, int]:
+    """Check ``iter_chunks`` arguments against ``n`` rows: ``(start, stop)`` with ``stop`` defaulting to n.
+
+    Raises:
+        ValueError: ``size`` < 1, or not ``0 <= start <= stop <= n``.
+    """
+    stop = n if stop is None else stop
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"iter_chunks: size must be a positive int, got {size!r}")
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
+        raise ValueError(f"iter_chunks: need 0 <= start <= stop <= n = {n}, got start={start!r}, stop={stop!r}")
+    return start, stop
+
+
 def _first_bad_example(x: torch.Tensor) -> int | None:
     """Index of the first example (row) containing NaN or ±inf, or None if all finite."""
     if x.numel() == 0:
@@ -169,6 +183,22 @@ class GradientSet:
                 raise TypeError(f"subset index must be integers or booleans, got {index.dtype}")
         out = {k: v[index] for k, v in self._blocks.items()}
         return GradientSet(out, validate=False)
+
+    def iter_chunks(self, size: int, *, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, GradientSet]]:
+        """Rows ``[start, stop)`` (default: all) in chunks of ``size`` rows: yields ``(offset, chunk)``
+        with ``chunk`` holding rows ``offset .. offset + len(chunk)``, the last chunk possibly shorter.
+
+        The chunks are views (slices) of the blocks: no copy. The same method on a
+        :class:`~fastinf.gradients.store.GradientStore` reads the rows from disk, so estimators can
+        stream over either.
+
+        Raises:
+            ValueError: ``size`` < 1, or not ``0 <= start <= stop <= n``.
+        """
+        start, stop = chunk_range(self.n, size, start, stop)
+        for s in range(start, stop, size):
+            e = min(s + size, stop)
+            yield s, GradientSet({k: v[s:e] for k, v in self._blocks.items()}, validate=False)
 
     def select(self, names: Sequence[str]) -> GradientSet:
         """The named blocks, in the given order."""

@@ -37,6 +37,7 @@ more than one block of the training gradients in memory.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -52,7 +53,7 @@ import torch
 
 from ..utils import atomic_write
 from ..version import __version__
-from .gradient_set import GradientSet, _first_bad_example
+from .gradient_set import GradientSet, _first_bad_example, chunk_range
 
 __all__ = ["GradientStore", "StoreError", "batch_digest", "check_same_model"]
 
@@ -233,7 +234,7 @@ class GradientStore(GradientSet):
     """On-disk per-example gradients (see the module docstring). Create with :meth:`create`, read with
     :meth:`open`; ``LoRAGradientCollector.collect(loader, store=path)`` does both."""
 
-    __slots__ = ("path", "manifest", "_dims", "_verified", "_view")
+    __slots__ = ("path", "manifest", "_dims", "_verified", "_view", "_starts")
 
     def __init__(self, path: str | os.PathLike, manifest: dict, *, dtype=None, device=None) -> None:
         # no GradientSet.__init__: blocks are lazy
@@ -242,6 +243,7 @@ class GradientStore(GradientSet):
         self._dims: dict[str, int] = dict(manifest["blocks"])
         self._verified: set[str] = set()
         self._view = (dtype, device)
+        self._starts: list[int] | None = None
         self._blocks = _LazyBlocks(self, dtype, device)
 
     # ------------------------------------------------------------------------------ creation
@@ -606,28 +608,65 @@ class GradientStore(GradientSet):
         part = self._rows(lo, hi)
         return part.subset(idx - lo)
 
+    def _shard_starts(self) -> list[int]:
+        """First row of every shard, plus n at the end (cached; the shard list only grows)."""
+        shards = self.manifest["shards"]
+        starts = self._starts
+        if starts is None or len(starts) != len(shards) + 1:
+            starts = [0]
+            for e in shards:
+                starts.append(starts[-1] + int(e["n"]))
+            self._starts = starts
+        return starts
+
     def _rows(self, start: int, stop: int) -> GradientSet:
+        """Rows ``[start, stop)`` of every block, read from the shards that overlap them only (each
+        opened once); converted to the view's dtype/device, else in the stored dtype."""
         from safetensors import safe_open
 
+        if not 0 <= start < stop <= self.n:
+            raise ValueError(f"rows [{start}, {stop}) out of range for a store of {self.n} rows")
+        starts = self._shard_starts()
+        shards = self.manifest["shards"]
+        first = bisect.bisect_right(starts, start) - 1
         out: dict[str, list[torch.Tensor]] = {k: [] for k in self._dims}
-        off = 0
-        for e in self.manifest["shards"]:
-            s0, s1 = off, off + e["n"]
-            off = s1
-            if s1 <= start or s0 >= stop:
+        for i in range(first, len(shards)):
+            s0, s1 = starts[i], starts[i + 1]
+            if s0 >= stop:
+                break
+            if s1 <= start:
                 continue
+            e = shards[i]
             p = self._check_shard(e)
             a, b = max(start, s0) - s0, min(stop, s1) - s0
-            with safe_open(str(p), framework="pt") as f:
-                for k in self._dims:
-                    out[k].append(f.get_slice(k)[a:b])
+            try:
+                with safe_open(str(p), framework="pt") as f:
+                    for k in self._dims:
+                        out[k].append(f.get_slice(k)[a:b])
+            except Exception as ex:  # safetensors raises several types on corrupt files
+                raise StoreError(f"{p}: cannot read rows {a}..{b} ({ex})") from None
         dtype, device = self._view
-        return GradientSet({k: torch.cat(v).to(device=device, dtype=dtype) for k, v in out.items()}, validate=False)
+        return GradientSet(
+            {k: (v[0] if len(v) == 1 else torch.cat(v)).to(device=device, dtype=dtype) for k, v in out.items()},
+            validate=False,
+        )
 
-    def iter_chunks(self, size: int):
-        """Yield (start, GradientSet of rows start..start+size) over the whole store."""
-        for s in range(0, self.n, size):
-            yield s, self._rows(s, min(s + size, self.n))
+    def iter_chunks(self, size: int, *, start: int = 0, stop: int | None = None):
+        """Rows ``[start, stop)`` (default: all) in chunks of ``size`` rows: yields ``(offset, chunk)``,
+        ``chunk`` an in-memory :class:`GradientSet` of rows ``offset .. offset + len(chunk)``.
+
+        Each chunk is read from the shards that overlap it only, each shard opened once per chunk
+        (all blocks at once); no whole ``(n, d_l)`` block is ever formed. Memory: O(size · D) for the
+        chunk being yielded (plus the previous one while the caller still holds it). Rows keep the
+        stored dtype unless this store is a ``.to(dtype=...)`` view (then each chunk is converted).
+
+        Raises:
+            ValueError: ``size`` < 1, or not ``0 <= start <= stop <= n``.
+            StoreError: a shard is missing, truncated or corrupted (checked on its first read).
+        """
+        start, stop = chunk_range(self.n, size, start, stop)
+        for s in range(start, stop, size):
+            yield s, self._rows(s, min(s + size, stop))
 
     def load(self) -> GradientSet:
         """The whole store in memory."""
