@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(levelname)s: %(message)s"
         )
-        return int(args._command.run(args) or 0)
+        return _run(args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -132,6 +132,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{where}: error: {kind}{msg}", file=sys.stderr)
         return 1
 
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; under torchrun (``WORLD_SIZE`` > 1) join the process group first, and let only
+    rank 0 print results (every rank runs the same command on its share of the work)."""
+    import contextlib
+    import io
+
+    from .distributed import init_from_env, is_main
+
+    if not init_from_env() or is_main():
+        return int(args._command.run(args) or 0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return int(args._command.run(args) or 0)
+
+
+DAMPING_HELP = "'auto' (0.1 × mean squared gradient entry, METHODS.md §0) or an absolute λ"
 
 # library option -> the command-line flag that sets it (for error messages)
 _FLAGS = {"overwrite": "--overwrite", "allow_incomplete": "--allow-incomplete", "allow_mismatch": "--allow-mismatch"}
@@ -170,12 +186,16 @@ def _damping(text: str) -> float | str:
     return v
 
 
+def _names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
+    return names
+
+
 def _methods(text: str) -> list[str]:
     """A comma-separated list of method names (validated by the library against its registry)."""
-    methods = [m.strip().lower().replace("-", "_") for m in text.split(",") if m.strip()]
-    if not methods:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of methods, got {text!r}")
-    return methods
+    return [m.lower().replace("-", "_") for m in _names(text)]
 
 
 def _print_result(command: str, result: Any) -> int:
@@ -244,42 +264,17 @@ class DemoCommand(Command):
             f"--synthetic: {syn['full'][1]}, --quick {syn['quick'][1]})",
         )
         parser.add_argument(
-            "--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the data, model and methods"
+            "--seed", type=_non_negative_int, default=0, metavar="S", help="seed of data, model, methods"
         )
-        parser.add_argument(
-            "--seeds",
-            type=_positive_int,
-            default=3,
-            metavar="K",
-            help="seeds of the seed-dependent methods (rrinf): S, S+1, ...; default 3",
-        )
-        parser.add_argument(
-            "--methods", type=_methods, default=None, metavar="LIST", help="comma-separated methods (default: all)"
-        )
-        parser.add_argument(
-            "--damping",
-            type=_damping,
-            default="auto",
-            metavar="LAMBDA",
-            help="'auto' (0.1 × mean squared gradient entry, METHODS.md §0) or an absolute λ",
-        )
+        parser.add_argument("--seeds", type=_positive_int, default=3, metavar="K", help="seeds of rrinf: S, S+1, ...")
+        parser.add_argument("--methods", type=_methods, metavar="LIST", help="comma-separated methods (default: all)")
+        parser.add_argument("--damping", type=_damping, default="auto", metavar="LAMBDA", help=DAMPING_HELP)
         parser.add_argument("--quick", action="store_true", help="smaller run (CI smoke test)")
+        parser.add_argument("--synthetic", action="store_true", help="the synthetic task (tiny LoRA MLP; seconds)")
         parser.add_argument(
-            "--synthetic", action="store_true", help="the synthetic task (a tiny LoRA MLP on Gaussian data; seconds)"
+            "--sweep", action=argparse.BooleanOptionalAction, help="damping/iteration sweeps (default on)"
         )
-        parser.add_argument(
-            "--sweep",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="damping / iteration sensitivity sweeps (default: on; off for --synthetic --quick)",
-        )
-        parser.add_argument(
-            "--report-dir",
-            type=Path,
-            default=None,
-            metavar="DIR",
-            help="write the report here (default ./fastinf-report; --synthetic: ./fastinf-report-synthetic)",
-        )
+        parser.add_argument("--report-dir", type=Path, metavar="DIR", help="default ./fastinf-report[-synthetic]")
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -323,10 +318,7 @@ class EvalCommand(Command):
         parser.add_argument("--per-class", type=_positive_int, default=None, help="training examples per class")
         parser.add_argument("--per-class-test", type=_positive_int, default=None, help="test examples per class")
         parser.add_argument(
-            "--grad-field",
-            choices=["text", "answer", "prompt"],
-            default=None,
-            help="tokens whose loss the gradients use (math: text; gsm: answer)",
+            "--grad-field", choices=["text", "answer", "prompt"], help="loss tokens (math: text; gsm: answer)"
         )
         parser.add_argument("--methods", type=_methods, default=None, metavar="LIST", help="comma-separated methods")
         parser.add_argument("--seed", type=_non_negative_int, default=0)
@@ -357,20 +349,25 @@ class GradsCommand(Command):
     name = "grads"
     help = "capture per-example LoRA gradients of a JSON-lines data set into a GradientStore"
     description = (
-        "Loads a bundled model (--model minilm | smollm2) with a LoRA adapter — a saved peft adapter\n"
-        "directory (--adapter) or a fresh one (--r) — and writes the per-example gradients of every row\n"
-        "of --data (JSON lines; --text-field, and --label-field for classification) to --out, a\n"
-        "resumable GradientStore (re-run the same command to resume after an interruption)."
+        "Loads a model (--model minilm | smollm2, or a local Hugging Face model directory) with a LoRA\n"
+        "adapter — a saved peft adapter directory (--adapter) or a fresh one (--r, --targets) — and\n"
+        "writes the per-example gradients of every row of --data (JSON lines; --text-field, and\n"
+        "--label-field for classification) to --out, a resumable GradientStore (re-run the same command\n"
+        "to resume after an interruption). Under torchrun every process captures its share of the\n"
+        "batches into the same store."
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--model", choices=["minilm", "smollm2"], required=True)
+        parser.add_argument(
+            "--model", required=True, metavar="NAME|DIR", help="minilm | smollm2 | a local HF model dir"
+        )
         parser.add_argument("--data", type=Path, required=True, help="JSON-lines file")
         parser.add_argument("--out", type=Path, required=True, help="GradientStore directory")
         parser.add_argument("--adapter", type=Path, default=None, help="peft adapter directory (save_pretrained)")
         parser.add_argument("--text-field", default="text")
         parser.add_argument("--label-field", default="label", help="class label field (minilm)")
-        parser.add_argument("--num-labels", type=_positive_int, default=2)
+        parser.add_argument("--num-labels", type=_positive_int, default=2, help="classes of minilm's fresh head")
+        parser.add_argument("--targets", type=_names, metavar="LIST", help="modules to adapt (default: query, value)")
         parser.add_argument("--r", type=_positive_int, default=8, help="LoRA rank of a fresh adapter")
         parser.add_argument("--batch-size", type=_positive_int, default=16)
         parser.add_argument("--max-length", type=_positive_int, default=128)
@@ -394,6 +391,7 @@ class GradsCommand(Command):
             batch_size=args.batch_size,
             max_length=args.max_length,
             projection=args.projection,
+            targets=args.targets,
             overwrite=args.overwrite,
             seed=args.seed,
             progress=not args.no_progress,
@@ -414,13 +412,9 @@ class ScoreCommand(Command):
         parser.add_argument("--reduce", choices=["mean"], default=None, help="influence on the mean test loss (n,)")
         parser.add_argument("--topk", type=_positive_int, default=None, help="only the k largest per query")
         parser.add_argument("--smallest", action="store_true", help="with --topk: the k most helpful instead")
-        parser.add_argument("--damping", type=_damping, default="auto")
-        parser.add_argument(
-            "--allow-mismatch", action="store_true", help="score stores captured from different models or adapters"
-        )
-        parser.add_argument(
-            "--allow-incomplete", action="store_true", help="score stores whose capture has not finished"
-        )
+        parser.add_argument("--damping", type=_damping, default="auto", metavar="LAMBDA", help=DAMPING_HELP)
+        parser.add_argument("--allow-mismatch", action="store_true", help="stores of different models/adapters")
+        parser.add_argument("--allow-incomplete", action="store_true", help="stores whose capture has not finished")
         parser.add_argument(
             "--out", type=Path, required=True, help="output .safetensors, or .csv (with --topk also OUT.indices.csv)"
         )
@@ -450,7 +444,7 @@ class BenchCommand(Command):
     help = "run a benchmark script from the repository's bench/ directory"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("which", choices=["estimators", "capture", "traces", "ops"])
+        parser.add_argument("which", choices=["estimators", "capture", "traces", "ops", "scale"])
         parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script (e.g. --quick)")
 
     def run(self, args: argparse.Namespace) -> int:

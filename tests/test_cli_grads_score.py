@@ -120,3 +120,42 @@ def test_score_refuses_stores_of_another_adapter_and_incomplete_stores(tmp_path)
     err = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 1 and len(err) == 1 and "incomplete" in err[0] and "--allow-incomplete" in err[0], err
     assert cli(*args, "--allow-incomplete").returncode == 0
+
+
+def _save_tiny(path, kind):
+    """A tiny random model directory with the bundled MiniLM tokenizer (config.json, weights, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from fastinf import testing
+    from fastinf.data import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    if kind == "classifier":
+        model = testing.tiny_bert(vocab_size=tok.vocab_size, max_position_embeddings=64, num_labels=3)
+    else:
+        model = testing.tiny_llama(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["classifier", "causal_lm"])
+def test_grads_from_a_local_model_directory(tmp_path, kind):
+    """issue 9 §5: `--model PATH` takes any local Hugging Face model (its architecture decides the loss)."""
+    model_dir = _save_tiny(tmp_path / "model", kind)
+    rows = [{"text": t, "label": i % 3} for i, t in enumerate(["a fine film", "dull", "great fun", "a mess", "moving"])]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    p = cli("grads", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "st"), "--batch-size", "2",
+            "--no-progress")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    store = fastinf.GradientStore.open(tmp_path / "st")
+    assert store.n == 5 and any("lora_A" in n for n in store.names)
+    assert any("classifier" in n for n in store.names) == (kind == "classifier")
+    if kind == "classifier":  # the directory's own 3-way head: label 3 is out of range
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"text": "x", "label": 3}))
+        p = cli("grads", "--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "st2"))
+        assert p.returncode == 1 and "0..2" in p.stderr and not (tmp_path / "st2").exists(), p.stderr
+    p = cli("grads", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "st3"))
+    assert p.returncode == 1 and "local Hugging Face model directory" in p.stderr

@@ -20,7 +20,7 @@ __all__ = [
     "LMDataset",
     "TextDataset",
     "accuracy",
-    "bundled_lora_model",
+    "lora_model",
     "causal_lm",
     "encode_lm",
     "JsonlLoader",
@@ -159,17 +159,40 @@ def causal_lm(model: str | Callable, r: int, *, dropout: float = 0.05):
     return tok, get_peft_model(base, cfg)
 
 
-def bundled_lora_model(
-    model: str, *, adapter: str | Path | None = None, r: int = 8, seed: int = 0, num_labels: int = 2
-) -> tuple[Any, Any, bool]:
-    """A bundled model (``"minilm"`` classifier or ``"smollm2"`` causal LM) with a LoRA adapter for capture.
+def _default_targets(base: Any) -> list[str]:
+    """LoRA targets of a fresh adapter: the attention's query and value projections, by their usual names."""
+    names = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    for pair in (["q_proj", "v_proj"], ["query", "value"], ["q", "v"], ["c_attn"]):
+        if set(pair) <= names:
+            return pair
+    raise ValueError(
+        "could not find the attention's query/value projections (q_proj/v_proj, query/value) in the model: "
+        "pass targets= (--targets) with the Linear module names to adapt"
+    )
 
-    ``adapter``: a saved peft adapter directory (``save_pretrained``); otherwise a fresh adapter of rank
-    ``r`` (α = 2r, non-zero init drawn with ``torch.manual_seed(seed)``, so a re-run gets the same
-    weights and can resume its store). Returns ``(tokenizer, model, is_classifier)``.
+
+def lora_model(
+    model: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    r: int = 8,
+    seed: int = 0,
+    num_labels: int = 2,
+    targets: Sequence[str] | None = None,
+) -> tuple[Any, Any, bool]:
+    """A model with a LoRA adapter for capture: ``(tokenizer, peft model, is_classifier)``.
+
+    ``model``: ``"minilm"`` (the bundled MiniLM encoder with a fresh ``num_labels``-way head),
+    ``"smollm2"`` (the bundled causal LM), or a local Hugging Face model directory (its config's
+    architecture decides: ``*ForSequenceClassification`` loads as a classifier with the directory's own
+    head, anything else as a causal LM). ``adapter``: a saved peft adapter directory; otherwise a fresh
+    adapter of rank ``r`` (α = 2r) on ``targets`` (default: the attention's query and value
+    projections), non-zero init drawn with ``torch.manual_seed(seed)`` so that a re-run gets the same
+    weights and can resume its store.
 
     Raises:
-        ValueError: unknown ``model`` or a missing ``adapter`` directory.
+        ValueError: ``model`` is neither a bundled name nor a model directory, a missing ``adapter``
+            directory, or no default LoRA targets in the model.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -177,25 +200,43 @@ def bundled_lora_model(
         from ..data import load_minilm
 
         tok, base = load_minilm(num_labels=num_labels)
-        task, targets = "SEQ_CLS", ["query", "value"]
+        classifier = True
     elif model == "smollm2":
         from ..data import load_smollm2
 
         tok, base = load_smollm2()
-        task, targets = "CAUSAL_LM", ["q_proj", "v_proj"]
+        classifier = False
     else:
-        raise ValueError(f"model must be one of {', '.join(BUNDLED_MODELS)}, got {model!r}")
+        path = Path(model)
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise ValueError(
+                f"model must be {' or '.join(BUNDLED_MODELS)} or a local Hugging Face model directory "
+                f"(with config.json); {model} is neither"
+            )
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+        archs = AutoConfig.from_pretrained(path).architectures or []
+        classifier = any("ForSequenceClassification" in a for a in archs)
+        tok = AutoTokenizer.from_pretrained(path)
+        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+        base = auto.from_pretrained(path)
     if adapter is not None:
         if not Path(adapter).is_dir():
             raise ValueError(f"adapter {adapter} is not a directory (a peft save_pretrained output)")
         net = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
     else:
         torch.manual_seed(seed)  # a fresh adapter must be the same on a resumed run
-        cfg = LoraConfig(task_type=task, r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+        cfg = LoraConfig(
+            task_type="SEQ_CLS" if classifier else "CAUSAL_LM",
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=list(targets) if targets else _default_targets(base),
+            init_lora_weights=False,
+        )
         net = get_peft_model(base, cfg)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return tok, net, model == "minilm"
+    return tok, net, classifier
 
 
 class JsonlLoader:

@@ -28,7 +28,7 @@ from ..version import __version__
 
 __all__ = ["BENCHMARKS", "capture_jsonl", "run_benchmark", "score_stores", "system_info"]
 
-BENCHMARKS = ("estimators", "capture", "traces", "ops")
+BENCHMARKS = ("estimators", "capture", "traces", "ops", "scale")
 SCORE_FORMATS = (".safetensors", ".csv")
 
 
@@ -159,27 +159,38 @@ def capture_jsonl(
     batch_size: int = 16,
     max_length: int = 128,
     projection: int | None = None,
+    targets: Sequence[str] | None = None,
     overwrite: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> GradientStore:
     """Per-example LoRA gradients of every row of a JSON-lines file into a resumable GradientStore.
 
-    ``model``: ``"minilm"`` (a classifier: ``label_field`` holds the class; its head's gradients are
-    captured too) or ``"smollm2"`` (a causal LM: the loss on every text token). ``adapter``: a saved
-    peft adapter directory; otherwise a fresh, seeded adapter of rank ``r``. Re-running the same call
-    resumes an interrupted capture; a store made with other arguments is refused unless ``overwrite``.
+    ``model``: ``"minilm"`` or a local ``*ForSequenceClassification`` model directory (a classifier:
+    ``label_field`` holds the class; its head's gradients are captured too), ``"smollm2"`` or any other
+    local Hugging Face model directory (a causal LM: the loss on every text token); see
+    :func:`fastinf.eval.hf.lora_model`. ``adapter``: a saved peft adapter directory; otherwise a fresh,
+    seeded adapter of rank ``r`` on ``targets``. Re-running the same call resumes an interrupted
+    capture; a store made with other data or arguments is refused unless ``overwrite``. Inside a
+    torch.distributed process group every rank calls this with the same arguments and captures its
+    share of the batches into the same store.
 
     Raises:
         ValueError: missing file or fields, unknown model, a store made with other arguments.
     """
     from . import hf
 
-    required = [text_field] + ([label_field] if model == "minilm" else [])
+    known = model == "minilm"  # a bundled classifier: check the labels before loading anything
+    label = label_field if known else None
     rows = read_jsonl(
-        data, required=required, validate=_row_check(text_field, label_field if model == "minilm" else None, num_labels)
+        data,
+        required=[text_field] + ([label_field] if known else []),
+        validate=_row_check(text_field, label, num_labels),
     )
-    tok, net, classifier = hf.bundled_lora_model(model, adapter=adapter, r=r, seed=seed, num_labels=num_labels)
+    tok, net, classifier = hf.lora_model(model, adapter=adapter, r=r, seed=seed, num_labels=num_labels, targets=targets)
+    if classifier and not known:  # a model directory's own head decides the classes; still before any store
+        n_cls = int(getattr(net.config, "num_labels", num_labels))
+        read_jsonl(data, required=[text_field, label_field], validate=_row_check(text_field, label_field, n_cls))
     loader = hf.JsonlLoader(
         rows,
         tok,
