@@ -20,6 +20,7 @@ Every estimator derives from :class:`BaseEstimator`, which holds the facts the r
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import distributed as dist
 from ..gradients.gradient_set import GradientSet, align_test
 from ..gradients.store import GradientStore, check_same_model
 from ..traces.loss_trace import LossTrace
@@ -184,7 +186,25 @@ class EstimatorOptions:
     device: Any = field(default=None, metadata={"help": "compute device; default: the training gradients' device"})
     backend: str = field(default="auto", metadata={"help": "'auto' | 'cuda' | 'triton' | 'torch' for fastinf.ops"})
     chunk_size: int | None = field(
-        default=None, metadata={"help": "training examples per chunk in topk/self_influence (None: automatic)"}
+        default=None,
+        metadata={
+            "help": "training examples per row chunk in every pass over the training gradients "
+            "(None: automatic, from memory_budget)"
+        },
+    )
+    memory_budget: int = field(
+        default=1 << 30,
+        metadata={
+            "help": "bytes: the automatic chunk size uses a quarter of it; the limits of whole-set buffers "
+            "(exact's n×n Gram on a store, rrinf's gathered coordinates) refuse beyond it"
+        },
+    )
+    distributed: bool | str = field(
+        default="auto",
+        metadata={
+            "help": "split the training rows over the ranks of the torch.distributed process group: 'auto' "
+            "(when one is initialised), True or False"
+        },
     )
     allow_mismatch: bool = field(
         default=False,
@@ -212,6 +232,11 @@ class EstimatorOptions:
             raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
         if not isinstance(self.allow_mismatch, bool):
             raise ValueError(f"allow_mismatch must be a bool, got {self.allow_mismatch!r}")
+        mb = self.memory_budget
+        if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
+            raise ValueError(f"memory_budget must be a positive int (bytes), got {mb!r}")
+        if not (self.distributed == "auto" or isinstance(self.distributed, bool)):
+            raise ValueError(f"distributed must be 'auto', True or False, got {self.distributed!r}")
 
 
 _REDUCE = (None, "mean", "sum")
@@ -228,6 +253,26 @@ def _reduce(scores: torch.Tensor, reduce: str | None) -> torch.Tensor:
     if reduce is None:
         return scores
     return scores.mean(0) if reduce == "mean" else scores.sum(0)
+
+
+def _iter_rows(gs: Any, size: int, start: int, stop: int):
+    """Rows ``[start, stop)`` of a GradientSet or GradientStore in chunks of ``size`` rows: yields
+    ``(offset, GradientSet)``. Uses ``iter_chunks(size, start=, stop=)`` where the object has it, else
+    slices (in memory) or reads the row range (``_rows``, an older GradientStore)."""
+    it = getattr(gs, "iter_chunks", None)
+    if it is not None:
+        try:
+            accepts = "start" in inspect.signature(it).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+            accepts = False
+        if accepts:
+            if stop > start:
+                yield from it(size, start=start, stop=stop)
+            return
+    read = getattr(gs, "_rows", None)
+    for s in range(start, stop, size):
+        e = min(s + size, stop)
+        yield s, (read(s, e) if read is not None else gs.subset(slice(s, e)))
 
 
 class BaseEstimator:
@@ -310,7 +355,35 @@ class BaseEstimator:
 
 class Estimator(BaseEstimator):
     """Base of the gradient-based estimators. Subclasses set ``name``, ``Options`` and the facts, and
-    implement ``_fit`` and the two sides."""
+    implement ``_fit`` and the two sides.
+
+    **Streaming.** Every pass over the training gradients — fit statistics, ``score`` (``reduce=None``,
+    ``"mean"``, ``"sum"``), ``topk``, ``self_influence`` — walks row chunks of ``chunk_size`` examples
+    (default: from ``memory_budget``) through ``iter_chunks``; on a :class:`GradientStore` no whole
+    ``(n, d_l)`` block is ever read, and each chunk is converted to the compute dtype (float32 or higher,
+    whatever the storage dtype) as it arrives. An in-memory GradientSet takes the same path (its chunks
+    are views). Peak memory is O(chunk·D + m·D + output) plus each method's own statistics, stated in its
+    class docstring.
+
+    **Passes.** ``passes_`` counts the passes over the training gradients since the last ``fit`` (``fit``
+    resets it to 0; every later ``score`` / ``topk`` / ``self_influence`` adds its own), and
+    ``rows_read_`` the training rows this process read. The first pass after ``fit`` also sums the
+    squared gradient entries per block (what ``damping="auto"`` needs), so a method whose fit already
+    reads the data gets λ for free; one that needs λ *before* its first pass (DataInf) spends a pass on it.
+
+    **Distributed.** With ``distributed="auto"`` (default: when a torch.distributed process group of more
+    than one process is initialised) or ``True``, rank r owns the training rows ``rows_ = (start, stop)``
+    of :func:`fastinf.distributed.split_range` and reads only those; fit statistics are all-reduced, so
+    every rank holds the same preconditioner. Then:
+
+    * ``topk(test, k)`` is merged across ranks: every rank returns the same global (values, indices);
+    * ``score(test, reduce=..., gather=False)`` returns this rank's columns ``rows_[0]:rows_[1]``
+      ((m, stop − start), or (stop − start,) with ``reduce``); ``gather=True`` returns the full (m, n) /
+      (n,) on every rank (all-gather);
+    * ``self_influence(gather=False)`` likewise: this rank's rows, or all n with ``gather=True``.
+
+    Without a process group (or ``distributed=False``) ``rows_ = (0, n)`` and ``gather`` changes nothing.
+    """
 
     input_kind: ClassVar[str] = "gradients"
     uses_damping: ClassVar[bool] = True
@@ -318,14 +391,20 @@ class Estimator(BaseEstimator):
     # False: the 'auto' rule may give λ = 0 without an error (a method that does not divide by λ)
     requires_positive_damping: ClassVar[bool] = True
     default_dtype: ClassVar[torch.dtype | None] = None  # None: input promoted to float32
-    # False: keep the training gradients in their own dtype (≥ float32) and cast one block at a time
-    # to the compute dtype (Exact's float64 solve would otherwise double the memory of the whole set)
+    # False: keep in-memory training gradients in their own dtype (≥ float32) and cast one row chunk at a
+    # time to the compute dtype (Exact's float64 solve would otherwise double the memory of the whole set)
     cast_storage: ClassVar[bool] = True
+    # False: the method cannot split the training rows over ranks (distributed=True is refused and 'auto'
+    # computes the whole result on every rank)
+    supports_distributed: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.train_: GradientSet | None = None
         self._train_store: GradientStore | None = None
+        self._stats: dict[str, int] = {"passes": 0, "rows": 0}
+        self._shared_stats: dict[str, int] | None = None  # set by a wrapping estimator (RRInfFixedPoint)
+        self._row_scale: dict[str, torch.Tensor] | None = None  # per-coordinate scaling of every chunk read
 
     # ------------------------------------------------------------------------- fitting
     def fit(self, train: GradientSet | torch.Tensor) -> Estimator:
@@ -335,22 +414,61 @@ class Estimator(BaseEstimator):
             TypeError: not gradients, or a non-floating dtype.
             ValueError: ``damping="auto"`` on training gradients that are all zero where the method
                 needs λ > 0: one message naming the zero blocks (all of them, or their count and the
-                first few); method-specific problems.
+                first few); ``distributed=True`` for a method that cannot split its rows; ranks that
+                hold different numbers of training examples; method-specific problems and limits.
         """
         train = self._coerce(train, "train")
         self._train_store = train if isinstance(train, GradientStore) else None
         self.compute_dtype_ = self._compute_dtype(train)
-        storage = self.compute_dtype_ if self.cast_storage else torch.promote_types(train.dtype, torch.float32)
-        self.train_ = train.to(device=self.options.device, dtype=storage)
-        self.n_ = self.train_.n
+        self.device_ = torch.device(self.options.device) if self.options.device is not None else train.device
+        if self._train_store is not None:
+            # rows are read chunk by chunk in the stored dtype and converted as they arrive
+            self.train_ = train
+        else:
+            storage = self.compute_dtype_ if self.cast_storage else torch.promote_types(train.dtype, torch.float32)
+            self.train_ = train.to(device=self.options.device, dtype=storage)
+        self.n_ = train.n
+        self.distributed_ = self._resolve_distributed()
+        if self.distributed_:
+            ns = dist.all_gather_objects(self.n_)
+            if len(set(ns)) != 1:
+                raise ValueError(f"{type(self).__name__}: the ranks hold different training sets (n per rank: {ns})")
+            self.rows_ = dist.split_range(self.n_)
+        else:
+            self.rows_ = (0, self.n_)
+        self._stats = self._shared_stats if self._shared_stats is not None else {"passes": 0, "rows": 0}
+        self._sq_sums: dict[str, float] | None = None
+        self._col_sq: dict[str, torch.Tensor] | None = None
         self._fit()
         return self
+
+    def _resolve_distributed(self) -> bool:
+        opt = self.options.distributed
+        if not self.supports_distributed:
+            if opt is True and dist.is_distributed():
+                raise ValueError(
+                    f"{type(self).__name__}: distributed=True is not supported (each step couples all n training "
+                    "rows); use distributed=False or 'auto' (every rank then computes the whole result)"
+                )
+            return False
+        return dist.is_distributed() if opt in ("auto", True) else False
+
+    @property
+    def passes_(self) -> int:
+        """Passes over the training gradients since the last ``fit`` (fit's own included)."""
+        return self._stats["passes"]
+
+    @property
+    def rows_read_(self) -> int:
+        """Training rows this process read since the last ``fit`` (summed over passes)."""
+        return self._stats["rows"]
 
     def _zero_damping_error(self) -> ValueError:
         """The error of ``damping="auto"`` on all-zero training gradients: every zero block, or their
         count and the first three when there are more than five."""
         train = self._check_fitted()
-        zero = [k for k in train.names if not bool(train[k].any())]
+        sums = self.block_sq_sums()
+        zero = [k for k in train.names if not sums[k] > 0]
         if not zero:  # not exactly zero: the mean square underflowed in the compute dtype
             return ValueError(
                 f"{type(self).__name__}: damping='auto' gives λ = 0 because the training gradients' mean square "
@@ -400,7 +518,77 @@ class Estimator(BaseEstimator):
                 off += d
             test = GradientSet(blocks, validate=False)
         test = align_test(train, test)
-        return test.to(device=train.device, dtype=self.compute_dtype_)
+        return test.to(device=self.device_, dtype=self.compute_dtype_)
+
+    # ------------------------------------------------------------------------- streaming
+    def _chunk(self, m: int) -> int:
+        """Training rows per chunk: ``chunk_size``, or what fits a quarter of ``memory_budget`` with the
+        chunk (stored and converted copies, (c, D) each) and its (m, c) scores."""
+        if self.options.chunk_size is not None:
+            return self.options.chunk_size
+        isz = torch.empty((), dtype=self.compute_dtype_).element_size()
+        per_row = isz * (2 * self._check_fitted().dim + 2 * max(m, 1))
+        return max(1, min(self.n_, (self.options.memory_budget // 4) // per_row))
+
+    def _self_chunk_size(self) -> int:
+        """Rows per chunk when the chunk's rows are also the tests (self-influence): also keeps the
+        (c, c) matrices of a test side that streams (DataInf, LiSSA) within the budget."""
+        if self.options.chunk_size is not None:
+            return self.options.chunk_size
+        isz = torch.empty((), dtype=self.compute_dtype_).element_size()
+        return max(1, min(self._chunk(1), math.isqrt(self.options.memory_budget // (8 * isz))))
+
+    def _count_pass(self, rows: int) -> None:
+        self._stats["passes"] += 1
+        self._stats["rows"] += rows
+
+    def _pass(self, chunk: int | None = None, start: int | None = None, stop: int | None = None):
+        """One pass over the training rows ``[start, stop)`` (default: this rank's ``rows_``) in row chunks:
+        yields ``(s, e, chunk)`` with ``chunk`` a GradientSet of rows s..e in the compute dtype and device
+        (times ``_row_scale`` where set). Counts the pass; the first pass after ``fit`` also sums the
+        squared entries per block (all-reduced at its end: every rank must run it)."""
+        a, b = self.rows_ if start is None else (start, stop)
+        chunk = chunk or self._chunk(1)
+        self._stats["passes"] += 1
+        track = self._sq_sums is None
+        names = self.train_.names
+        acc = torch.zeros(len(names), dtype=torch.float64)
+        for s, part in _iter_rows(self.train_, chunk, a, b):
+            e = s + part.n
+            self._stats["rows"] += e - s
+            part = part.to(device=self.device_, dtype=self.compute_dtype_)
+            if self._row_scale is not None:
+                part = GradientSet({k: part[k] * self._row_scale[k] for k in names}, validate=False)
+            if track:
+                for i, k in enumerate(names):
+                    acc[i] += float(torch.linalg.vector_norm(part[k], dim=1).double().square().sum())
+            yield s, e, part
+        if track and self._sq_sums is None and (a, b) == self.rows_:
+            acc = dist.all_reduce_sum(acc) if self.distributed_ else acc
+            self._sq_sums = {k: float(acc[i]) for i, k in enumerate(names)}
+
+    def block_sq_sums(self) -> dict[str, float]:
+        """Σ_i ‖g_il‖² per block over all n training examples (float64, all ranks summed): what
+        ``damping="auto"`` needs. One pass unless an earlier pass since ``fit`` already summed them."""
+        self._check_fitted()
+        if self._sq_sums is None:
+            for _ in self._pass():
+                pass
+        return self._sq_sums
+
+    def column_sq_sums(self) -> dict[str, torch.Tensor]:
+        """Σ_i g_iι² for every coordinate ι, per block: name -> (d_l,) float64 over all n examples (all ranks
+        summed). One pass (cached until the next ``fit``); also fills :meth:`block_sq_sums`."""
+        self._check_fitted()
+        if self._col_sq is None:
+            col = {k: torch.zeros(d, dtype=torch.float64, device=self.device_) for k, d in self.train_.dims.items()}
+            for _, _, ch in self._pass():
+                for k in col:
+                    col[k] += ch[k].double().square().sum(0)
+            if self.distributed_:
+                col = {k: dist.all_reduce_sum(v) for k, v in col.items()}
+            self._col_sq = col
+        return self._col_sq
 
     # ------------------------------------------------------------------------- damping
     def block_groups(self) -> list[list[str]]:
@@ -409,12 +597,13 @@ class Estimator(BaseEstimator):
         return [[k] for k in names] if self.options.blockwise else [names]
 
     def damping_for(self, group: list[str]) -> float:
-        """Absolute λ of a block group: the explicit float, or factor × mean squared entry."""
+        """Absolute λ of a block group: the explicit float, or factor × mean squared entry (one pass over
+        the training gradients unless an earlier pass already summed the squares)."""
         if not isinstance(self.options.damping, str):
             return self.options.damping
         train = self._check_fitted()
-        # row norms (no n×d temporary), summed in float64
-        tot = sum(float(torch.linalg.vector_norm(train[k], dim=1).double().square().sum()) for k in group)
+        sums = self.block_sq_sums()
+        tot = sum(sums[k] for k in group)
         width = sum(train.dims[k] for k in group)
         lam = self.options.damping_factor * tot / (train.n * width)
         if not lam > 0 and self.requires_positive_damping:
@@ -431,25 +620,23 @@ class Estimator(BaseEstimator):
         """Preconditioned test vectors a_l(t): name -> (m, d_l). Default: identity."""
         return {k: test[k] for k in test.names}
 
-    def _train_side(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Train side b_l(g_i) for examples start..stop: (c, d_l). Default: the gradients."""
-        return self.train_[name][start:stop].to(self.compute_dtype_)
+    def _train_side(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Train side b_l(g_i) of a chunk ``x`` (c, d_l) of block ``name`` (compute dtype). Default: x."""
+        return x
 
-    def _blk(self, name: str) -> torch.Tensor:
-        """A training block in the compute dtype (a copy only when the storage dtype differs)."""
-        return self.train_[name].to(self.compute_dtype_)
-
-    def _score_cols(self, tside: dict[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    def _score_chunk(self, tside: dict[str, torch.Tensor], chunk: GradientSet) -> torch.Tensor:
+        """−Σ_l a_l b_lᵀ for the chunk's rows: (m, c)."""
         out = None
         for k, a in tside.items():
-            b = self._train_side(k, start, stop)
+            b = self._train_side(k, chunk[k])
             out = a @ b.T if out is None else out.addmm_(a, b.T)
         return out.neg_()
 
-    def _chunk(self, m: int) -> int:
-        if self.options.chunk_size is not None:
-            return self.options.chunk_size
-        return max(256, min(self.n_, (1 << 24) // max(m, 1)))
+    def _gather_cols(self, x: torch.Tensor, gather: bool) -> torch.Tensor:
+        """This rank's columns (last dim) -> all n columns on every rank, when asked and distributed."""
+        if not (gather and self.distributed_):
+            return x
+        return dist.gather_cat(x, dim=x.dim() - 1)
 
     # ------------------------------------------------------------------------- public API
     def preconditioned_test(self, test: GradientSet | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -463,11 +650,15 @@ class Estimator(BaseEstimator):
         """
         return self._test_side(self._prep_test(test))
 
-    def score(self, test: GradientSet | torch.Tensor, *, reduce: str | None = None) -> torch.Tensor:
+    def score(
+        self, test: GradientSet | torch.Tensor, *, reduce: str | None = None, gather: bool = False
+    ) -> torch.Tensor:
         """Influence of every training example on every test example.
 
         Returns (m, n) with row j = test example j, column i = training example i, or (n,) for
         ``reduce="mean"`` (influence on the mean test loss) / ``"sum"``. Positive = harmful.
+        Distributed (see the class docstring): this rank's columns ``rows_[0]:rows_[1]`` only, unless
+        ``gather=True`` (then all n columns on every rank).
 
         Raises:
             StoreError: fitted on a GradientStore and given a test GradientStore captured from another
@@ -481,19 +672,27 @@ class Estimator(BaseEstimator):
             m = test.n
             test = test.mean()
             s = self._score(test)[0]
-            return s * m if reduce == "sum" else s
-        return self._score(test)
+            s = s * m if reduce == "sum" else s
+        else:
+            s = self._score(test)
+        return self._gather_cols(s, gather)
 
     def _score(self, test: GradientSet) -> torch.Tensor:
+        """(m, stop − start) scores of this rank's training rows: one pass."""
         tside = self._test_side(test)
-        return self._score_cols(tside, 0, self.n_)
+        a, b = self.rows_
+        out = torch.empty(test.n, b - a, dtype=self.compute_dtype_, device=self.device_)
+        for s, e, ch in self._pass(self._chunk(test.n)):
+            out[:, s - a : e - a] = self._score_chunk(tside, ch)
+        return out
 
     def topk(
         self, test: GradientSet | torch.Tensor, k: int, *, largest: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The k largest (or smallest) scores per test example, without forming the (m, n) matrix.
 
-        Returns ``(values (m, k), indices (m, k))`` sorted like ``torch.topk``.
+        Returns ``(values (m, k), indices (m, k))`` sorted like ``torch.topk``; indices are global
+        training rows. Distributed: merged across ranks, the same result on every rank.
 
         Raises:
             StoreError: train and test stores of different models or adapters, as in :meth:`score`.
@@ -501,32 +700,45 @@ class Estimator(BaseEstimator):
         """
         test = self._prep_test(test)
         self._check_k(k, self.n_)
-        return self._topk(test, k, largest)
+        vals, idx = self._topk(test, k, largest)
+        return self._merge_ranks(vals, idx, k, largest, test.n)
+
+    def _merge_ranks(self, vals, idx, k: int, largest: bool, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if vals is None:  # a rank without rows
+            vals = torch.empty(m, 0, dtype=self.compute_dtype_, device=self.device_)
+            idx = torch.empty(m, 0, dtype=torch.int64, device=self.device_)
+        if not self.distributed_:
+            return vals, idx
+        allv, alli = dist.gather_cat(vals, dim=1), dist.gather_cat(idx, dim=1)
+        v, sel = torch.topk(allv, k, dim=1, largest=largest)
+        return v, torch.gather(alli, 1, sel)
 
     def _topk(self, test: GradientSet, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
         tside = self._test_side(test)
-        chunk = self._chunk(test.n)
         vals = idx = None
-        for s in range(0, self.n_, chunk):
-            e = min(s + chunk, self.n_)
-            sc = self._score_cols(tside, s, e)
-            vals, idx = merge_topk(vals, idx, sc, s, k, largest)
+        for s, _, ch in self._pass(self._chunk(test.n)):
+            vals, idx = merge_topk(vals, idx, self._score_chunk(tside, ch), s, k, largest)
         return vals, idx
 
-    def self_influence(self) -> torch.Tensor:
-        """I(i, i) with t = g_i for every training example: (n,). Positive = harmful."""
-        train = self._check_fitted()
-        chunk = self._chunk(train.n)
-        out = []
-        for s in range(0, train.n, chunk):
-            e = min(s + chunk, train.n)
-            tside = self._test_side(train.subset(slice(s, e)))
-            acc = None
-            for k, a in tside.items():
-                v = (a * self._train_side(k, s, e)).sum(1)
-                acc = v if acc is None else acc + v
-            out.append(-acc)
-        return torch.cat(out)
+    def self_influence(self, *, gather: bool = False) -> torch.Tensor:
+        """I(i, i) with t = g_i for every training example: (n,). Positive = harmful.
+
+        Distributed: this rank's rows ``rows_[0]:rows_[1]``, or all n on every rank with ``gather=True``."""
+        self._check_fitted()
+        a, b = self.rows_
+        out = torch.empty(b - a, dtype=self.compute_dtype_, device=self.device_)
+        for s, e, ch in self._pass(self._self_chunk_size()):
+            out[s - a : e - a] = self._self_chunk(ch)
+        return self._gather_cols(out, gather)
+
+    def _self_chunk(self, ch: GradientSet) -> torch.Tensor:
+        """−Σ_l a_l(g_i)ᵀ b_l(g_i) for the rows of a chunk: (c,)."""
+        tside = self._test_side(ch)
+        acc = None
+        for k, a in tside.items():
+            v = (a * self._train_side(k, ch[k])).sum(1)
+            acc = v if acc is None else acc + v
+        return -acc
 
 
 class TraceEstimator(BaseEstimator):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import distributed as dist
 from ..gradients.gradient_set import GradientSet
 from .base import Estimator, EstimatorOptions, register
 
@@ -72,86 +73,127 @@ class LiSSAOptions(EstimatorOptions):
 
 @register
 class LiSSA(Estimator):
-    """LiSSA influence (see module docstring)."""
+    """LiSSA influence (see module docstring).
+
+    Every product G v = (1/n) Φ(Φᵀv) is one pass over the training gradients in row chunks (all block
+    groups at once, all-reduced across ranks). Passes: ``fit`` ``power_iters`` (when ``scale`` is not
+    given; plus 1 for ``damping="auto"`` only if no earlier pass summed the squares) — 0 with an explicit
+    scale and damping; ``score`` / ``topk``: the recursion's steps (at most ``depth``, until every group
+    converged) + 1; ``self_influence``: that many per chunk of training rows (LiSSA is not meant for
+    large n). Memory: O(chunk·D + m·D + m·chunk + output).
+    """
 
     name = "lissa"
     Options = LiSSAOptions
 
     def _fit(self) -> None:
         self.groups_ = self.block_groups()
-        self.lam_ = {tuple(g): self.damping_for(g) for g in self.groups_}
         self.scale_: dict[tuple[str, ...], float] = {}
+        eig = None
+        if self.options.scale is None and not self.options.reference_compat:
+            eig = self._top_eigs()
+        self.lam_ = {tuple(g): self.damping_for(g) for g in self.groups_}
         for g in self.groups_:
             if self.options.scale is not None:
                 s = self.options.scale
             elif self.options.reference_compat:
                 s = 1.0
             else:
-                s = 1.1 * (self._top_eig(g) + self.lam_[tuple(g)])
+                s = 1.1 * (eig[tuple(g)] + self.lam_[tuple(g)])
             self.scale_[tuple(g)] = float(s)
         self.converged_ = True
 
-    def _gv(self, g: list[str], v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """G v = (1/n) Φ (Φᵀ v) for rows of v: name -> (m, d_l)."""
-        train = self.train_
-        P = sum(v[k] @ train[k].T for k in g)  # (m, n)
-        return {k: (P @ train[k]).div_(self.n_) for k in g}
+    def _gv(self, v: dict[str, torch.Tensor], groups: list[list[str]], m: int) -> dict[str, torch.Tensor]:
+        """G v = (1/n) Φ (Φᵀ v) for the rows of v, every group in ``groups``: name -> (m, d_l). One pass."""
+        out = {k: torch.zeros_like(v[k]) for g in groups for k in g}
+        for _, _, ch in self._pass(self._chunk(m)):
+            for g in groups:
+                P = sum(v[k] @ ch[k].T for k in g)  # (m, c)
+                for k in g:
+                    out[k].addmm_(P, ch[k])
+        for k in out:
+            if self.distributed_:
+                out[k] = dist.all_reduce_sum(out[k])
+            out[k].div_(self.n_)
+        return out
 
-    def _top_eig(self, g: list[str]) -> float:
-        """Largest eigenvalue of G for the group, by power iteration (Rayleigh quotient).
+    def _top_eigs(self) -> dict[tuple[str, ...], float]:
+        """Largest eigenvalue of G of every group, by power iteration (Rayleigh quotient), all groups in
+        the same passes.
 
         The start vector of each block is seeded by (seed, block name), so the estimate does not
         depend on the order of the blocks."""
         train = self.train_
         v = {}
-        for k in g:
-            gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + zlib.crc32(k.encode()))
-            v[k] = torch.randn(1, train.dims[k], generator=gen, dtype=torch.float64).to(train[k])
-        est = 0.0
+        for g in self.groups_:
+            for k in g:
+                gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + zlib.crc32(k.encode()))
+                v[k] = torch.randn(1, train.dims[k], generator=gen, dtype=torch.float64).to(
+                    device=self.device_, dtype=self.compute_dtype_
+                )
+        est = {tuple(g): 0.0 for g in self.groups_}
+        active = list(self.groups_)
         for _ in range(self.options.power_iters):
-            nrm = torch.sqrt(sum(x.pow(2).sum() for x in v.values()))
-            if not nrm > 0:
-                return 0.0
-            v = {k: x / nrm for k, x in v.items()}
-            w = self._gv(g, v)
-            est = float(sum((w[k] * v[k]).sum() for k in g))  # Rayleigh quotient
-            v = w
+            keep = []
+            for g in active:
+                nrm = torch.sqrt(sum(v[k].pow(2).sum() for k in g))
+                if not nrm > 0:
+                    est[tuple(g)] = 0.0
+                    continue
+                for k in g:
+                    v[k] = v[k] / nrm
+                keep.append(g)
+            active = keep
+            if not active:
+                break
+            w = self._gv(v, active, 1)
+            for g in active:
+                est[tuple(g)] = float(sum((w[k] * v[k]).sum() for k in g))  # Rayleigh quotient
+                for k in g:
+                    v[k] = w[k]
         return est
 
     def _test_side(self, test: GradientSet) -> dict[str, torch.Tensor]:
         o = self.options
         out: dict[str, torch.Tensor] = {}
         unconverged: list[tuple[str, float]] = []
-        for g in self.groups_:
-            lam, s = self.lam_[tuple(g)], self.scale_[tuple(g)]
-            t = {k: test[k] for k in g}
-            r = {k: test[k].clone() for k in g}
-            converged = o.tol == 0
-            # error-bound test per test vector: (s/λ)(1 + tol)‖Δr_j‖ ≤ tol‖r_j‖ (see module docstring)
-            factor = (s / lam) * (1.0 + o.tol)
-            for _ in range(o.depth):
-                Gr = self._gv(g, r)
+        r = {k: test[k].clone() for k in test.names}
+        converged = {tuple(g): o.tol == 0 for g in self.groups_}
+        active = list(self.groups_)
+        for _ in range(o.depth):
+            if not active:
+                break
+            Gr = self._gv(r, active, test.n)
+            still = []
+            for g in active:
+                lam, s = self.lam_[tuple(g)], self.scale_[tuple(g)]
                 if o.reference_compat:
                     # DataInf code: r ← t + r − α[(1/n)Σ(gᵀr)g − λr], α = 1/s
-                    new = {k: t[k] + r[k] - (Gr[k] - lam * r[k]) / s for k in g}
+                    new = {k: test[k] + r[k] - (Gr[k] - lam * r[k]) / s for k in g}
                 else:
-                    new = {k: t[k] + r[k] - (Gr[k] + lam * r[k]) / s for k in g}
+                    new = {k: test[k] + r[k] - (Gr[k] + lam * r[k]) / s for k in g}
+                done = False
                 if o.tol > 0:
                     if o.reference_compat:
                         num = sum(float((new[k] - r[k]).pow(2).sum()) for k in g)
                         den = sum(float(new[k].pow(2).sum()) for k in g)
                         done = num <= (o.tol**2) * den
                     else:
+                        # error-bound test per test vector: (s/λ)(1 + tol)‖Δr_j‖ ≤ tol‖r_j‖ (module docstring)
+                        factor = (s / lam) * (1.0 + o.tol)
                         num = sum((new[k] - r[k]).pow(2).sum(1) for k in g)  # ‖ρ_j‖², per test vector j
                         den = sum(r[k].pow(2).sum(1) for k in g)  # ‖r_j‖² = s²‖h_j‖²
                         done = bool((num * factor**2 <= den * o.tol**2).all())
-                    r = new
-                    if done:
-                        converged = True
-                        break
+                for k in g:
+                    r[k] = new[k]
+                if done:
+                    converged[tuple(g)] = True
                 else:
-                    r = new
-            if not converged:
+                    still.append(g)
+            active = still
+        for g in self.groups_:
+            lam, s = self.lam_[tuple(g)], self.scale_[tuple(g)]
+            if not converged[tuple(g)]:
                 self.converged_ = False
                 unconverged.append((g[0] if len(g) == 1 else f"{len(g)} blocks", s / lam))
             for k in g:

@@ -69,18 +69,11 @@ def _layer_lambdas(est: Estimator) -> dict[str, float]:
     if not isinstance(est.options.damping, str):
         return {k: est.options.damping for k in train.names}
     f = est.options.damping_factor
-    lam = {
-        k: f * float(torch.linalg.vector_norm(train[k], dim=1).double().square().sum()) / (train.n * train.dims[k])
-        for k in train.names
-    }
+    sums = est.block_sq_sums()
+    lam = {k: f * sums[k] / (train.n * train.dims[k]) for k in train.names}
     if not any(v > 0 for v in lam.values()):
         raise est._zero_damping_error()
     return lam
-
-
-def _nonzero_rows(x: torch.Tensor) -> torch.Tensor:
-    """(d,) bool: which columns of an (n, d) block (rows φ_ι of Φ) are not all zero."""
-    return torch.linalg.vector_norm(x, dim=0) > 0
 
 
 @dataclass
@@ -114,14 +107,30 @@ class RRInfOptions(EstimatorOptions):
 
 @register
 class RRInf(Estimator):
-    """RRInf influence by normalised SGD (see module docstring). Global λ rule by default."""
+    """RRInf influence by normalised SGD (see module docstring). Global λ rule by default.
+
+    Large training sets: each step couples all n training examples through one coordinate row φ_ι ∈ Rⁿ,
+    so the rows are not split over ranks (``distributed=True`` is refused; under ``"auto"`` every rank
+    computes the whole result). ``fit`` reads the training gradients once, row chunk by row chunk, and
+    keeps the U distinct drawn coordinates of all n examples: U·n entries (U ≤ min(D, iters·batch_size)).
+    On a GradientStore that is refused when U·n × (bytes per entry) exceeds ``memory_budget`` (lower
+    ``iters``, raise ``memory_budget``, or use ``rrinf_fixed_point``, which streams). ``sampling="layer"``
+    needs a whole (n, d_l) block per step and is refused on a store. Passes: ``fit`` 1; ``score``,
+    ``topk`` 0 (the gathered rows are reused); ``self_influence`` 1. Memory: U·n + n·m (Ω) + output.
+    """
 
     name = "rrinf"
     Options = RRInfOptions
     stochastic = True
+    supports_distributed = False
 
     def _fit(self) -> None:
         o, train = self.options, self.train_
+        if o.sampling == "layer" and self._train_store is not None:
+            raise ValueError(
+                "RRInf: sampling='layer' is not supported on a GradientStore (every step needs a whole (n, d_l) "
+                "block); use sampling='neuron' or 'minibatch', or load the store into memory (store.load())"
+            )
         gen = torch.Generator().manual_seed(o.seed)
         self.lrs_ = o.lr / (1.0 + o.lr_decay * torch.arange(o.iters, dtype=torch.float64))
         if o.sampling == "layer":
@@ -144,19 +153,45 @@ class RRInf(Estimator):
             self.layer_reg_, self.layer_inv_ = {}, {}
             for k in train.names:
                 self.layer_reg_[k] = n * lams[k] / D
-                nsq = torch.linalg.vector_norm(train[k], dim=0).square()  # (d_l,): row norms of Φ_l
+                nsq = torch.linalg.vector_norm(train[k].to(self.compute_dtype_), dim=0).square()  # row norms of Φ_l
                 nz = nsq > 0
                 self.layer_inv_[k] = torch.where(nz, 1.0 / torch.where(nz, nsq, torch.ones_like(nsq)), 0.0)
             return self
         b = o.batch_size if o.sampling == "minibatch" else 1
         if draws.numel() != o.iters * b or (draws.numel() and (draws.min() < 0 or draws.max() >= D)):
             raise ValueError(f"need {o.iters * b} coordinate indices in [0, {D})")
-        self.reg_ = n * self.damping_for(train.names) / D
         self.coords_ = draws
         self.block_of_, self.col_of_ = self._locate(draws)
         self.step_batch_ = b
+        self._gather_drawn_rows(draws)  # one pass (also sums the squares for the 'auto' λ)
+        self.reg_ = n * self.damping_for(train.names) / D
         self._zero_row_steps(draws, b)
         return self
+
+    def _gather_drawn_rows(self, draws: torch.Tensor) -> None:
+        """Rows φ_ι (all n examples) of the distinct drawn coordinates, in one pass over the training rows:
+        ``drawn_rows_`` (U, n) and ``drawn_pos_`` (the row of each draw in it)."""
+        uniq, pos = torch.unique(draws, return_inverse=True)
+        n, U = self.n_, int(uniq.numel())
+        isz = torch.empty((), dtype=self.compute_dtype_).element_size()
+        if self._train_store is not None and U * n * isz > self.options.memory_budget:
+            raise ValueError(
+                f"RRInf: the {U} distinct coordinates drawn (iters × batch_size = {draws.numel()}) across n = {n} "
+                f"training examples need {U * n * isz / 2**30:.3g} GiB, more than memory_budget = "
+                f"{self.options.memory_budget / 2**30:.3g} GiB; lower iters, raise memory_budget, or use "
+                "rrinf_fixed_point (which streams)"
+            )
+        block, col = self._locate(uniq)
+        rows = torch.empty(U, n, dtype=self.compute_dtype_, device=self.device_)
+        sel = {}
+        for bi, k in enumerate(self.train_.names):
+            idx = torch.nonzero(block == bi).flatten()
+            if idx.numel():
+                sel[k] = (idx.to(self.device_), col[idx].to(self.device_))
+        for s, e, ch in self._pass(self._chunk(U)):
+            for k, (idx, c) in sel.items():
+                rows[idx, s:e] = ch[k][:, c].T
+        self.drawn_rows_, self.drawn_pos_ = rows, pos
 
     def _zero_row_steps(self, draws: torch.Tensor, b: int) -> None:
         """Per-step factors that keep the regulariser on steps that draw zero rows (METHODS.md §5).
@@ -169,8 +204,8 @@ class RRInf(Estimator):
         ``step_factor_`` (f, float64) and ``step_lr_`` (the kernel's learning rates), or None for both
         when no drawn row is zero (then the kernel runs unchanged).
         """
-        nz = torch.cat([_nonzero_rows(self.train_[k]).cpu() for k in self.train_.names])  # (D,)
-        c = nz[draws].reshape(-1, b).sum(1).double()  # non-zero rows per step
+        nz = (torch.linalg.vector_norm(self.drawn_rows_, dim=1) > 0).cpu()[self.drawn_pos_]  # per draw
+        c = nz.reshape(-1, b).sum(1).double()  # non-zero rows per step
         if bool((c == b).all()):
             self.step_factor_ = self.step_lr_ = None
             return
@@ -200,8 +235,11 @@ class RRInf(Estimator):
 
     _SEGMENT_ROWS = 1 << 22  # drawn rows gathered at once: segment × n ≤ 4M entries
 
-    def _gather(self, gs: GradientSet, lo: int, hi: int) -> torch.Tensor:
-        """The drawn coordinates lo..hi of ``gs`` as rows: (hi − lo, gs.n) (φ_ι for the training set)."""
+    def _gather(self, gs: GradientSet | None, lo: int, hi: int) -> torch.Tensor:
+        """The drawn coordinates lo..hi of ``gs`` as rows: (hi − lo, gs.n); ``gs=None``: of the training set
+        (φ_ι, from the rows gathered at fit)."""
+        if gs is None:
+            return self.drawn_rows_[self.drawn_pos_[lo:hi].to(self.device_)]
         block, col = self.block_of_[lo:hi], self.col_of_[lo:hi]
         out = torch.empty(hi - lo, gs.n, dtype=self.compute_dtype_, device=gs.device)
         for bi, k in enumerate(gs.names):
@@ -231,14 +269,14 @@ class RRInf(Estimator):
         """Ω (n, m) after all steps, for the (prepared) tests in ``test``."""
         o, train = self.options, self.train_
         m = test.n
-        omega = torch.zeros(self.n_, m, dtype=self.compute_dtype_, device=train.device)
-        lrs = self.lrs_.to(device=train.device, dtype=self.compute_dtype_)
+        omega = torch.zeros(self.n_, m, dtype=self.compute_dtype_, device=self.device_)
+        lrs = self.lrs_.to(device=self.device_, dtype=self.compute_dtype_)
         if o.sampling != "layer":
             # stream over segments of steps so that memory stays O(segment · n), whatever `iters` is
             b = self.step_batch_
             steps_per_seg = max(1, self._SEGMENT_ROWS // (b * max(self.n_ + m, 1)))
             for s0, s1 in self._segments(steps_per_seg):
-                rows = self._gather(train, s0 * b, s1 * b)
+                rows = self._gather(None, s0 * b, s1 * b)
                 targets = self._gather(test, s0 * b, s1 * b).mul_(-self.n_)  # Υ = −n T
                 if self.step_factor_ is None:
                     omega = rrinf_row_updates(rows, targets, omega, lrs[s0:s1], self.reg_, b, backend=o.backend)
@@ -247,13 +285,13 @@ class RRInf(Estimator):
                 f = self.step_factor_[s0:s1]
                 s_t = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(f, 0)[:-1]])  # s before step t
                 targets.div_(s_t.repeat_interleave(b)[:, None].to(device=targets.device, dtype=targets.dtype))
-                step_lr = self.step_lr_[s0:s1].to(device=train.device, dtype=self.compute_dtype_)
+                step_lr = self.step_lr_[s0:s1].to(device=self.device_, dtype=self.compute_dtype_)
                 omega = rrinf_row_updates(rows, targets, omega, step_lr, self.reg_, b, backend=o.backend)
                 omega.mul_(float(torch.prod(f)))
             return omega
         for t, bi in enumerate(self.layer_draws_):
             k = train.names[bi]
-            X = train[k]  # (n, d_l); Φ_l = Xᵀ
+            X = train[k].to(self.compute_dtype_)  # (n, d_l); Φ_l = Xᵀ (in memory: layer mode refuses stores)
             E = X.T @ omega + self.n_ * test[k].T  # Φ_l Ω − Υ_l, (d_l, m)
             upd = (X @ (E * self.layer_inv_[k][:, None])).mul_(2.0 / X.shape[1])  # zero rows: inv = 0
             upd.add_(omega, alpha=2.0 * self.layer_reg_[k])
@@ -279,14 +317,13 @@ class RRInf(Estimator):
             idx.append(i)
         return torch.cat(vals), torch.cat(idx)
 
-    def self_influence(self) -> torch.Tensor:
-        """Ω_ii with each training gradient as its own test (tests processed in chunks)."""
+    def self_influence(self, *, gather: bool = False) -> torch.Tensor:
+        """Ω_ii with each training gradient as its own test (tests processed in chunks, one pass)."""
         train = self._check_fitted()
         out = []
         step = self._test_chunks(train.n)
-        for s in range(0, train.n, step):
-            e = min(s + step, train.n)
-            om = self._omega(train.subset(slice(s, e)))  # (n, c)
+        for s, e, ch in self._pass(step):
+            om = self._omega(ch)  # (n, c)
             out.append(om[torch.arange(s, e, device=om.device), torch.arange(e - s, device=om.device)])
         return torch.cat(out)
 
@@ -323,6 +360,10 @@ class RRInfFixedPoint(Estimator):
     :class:`RRInf` iterates on (its zero-row steps apply the regulariser, METHODS.md §5) and what the
     reference's update does on every drawn row; an all-zero block in layer mode has λ_l = 0 under
     ``damping="auto"``.
+
+    Large training sets: as :class:`Exact` on the rescaled gradients (streamed, distributed in d-space),
+    after one more pass for the coordinate norms ‖φ_ι‖² (all-reduced). Passes: ``fit`` 1 + Exact's fit (1 in
+    d-space); ``score`` / ``topk`` / ``self_influence`` as Exact. Memory: as Exact, plus D.
     """
 
     name = "rrinf_fixed_point"
@@ -335,8 +376,9 @@ class RRInfFixedPoint(Estimator):
         n, D = self.n_, train.dim
         L = len(train.names)
         self.coord_scale_: dict[str, torch.Tensor] = {}
+        col = self.column_sq_sums()  # one pass: ‖φ_ι‖² of every coordinate, and the 'auto' λ
         for k in train.names:
-            nsq = torch.linalg.vector_norm(train[k].to(self.compute_dtype_), dim=0).square()
+            nsq = col[k].to(self.compute_dtype_)
             a = (1.0 / D) if o.sampling != "layer" else 1.0 / (L * train.dims[k])
             nz = nsq > 0
             self.coord_scale_[k] = torch.where(nz, torch.sqrt(D * a / torch.where(nz, nsq, torch.ones_like(nsq))), 0.0)
@@ -345,17 +387,21 @@ class RRInfFixedPoint(Estimator):
         else:
             lam_bar = n * self.damping_for(train.names) / D
         self.lambda_eff_ = D * lam_bar / n
-        scaled = GradientSet(
-            {k: train[k] * self.coord_scale_[k].to(train[k].dtype) for k in train.names}, validate=False
-        )
+        # Exact on the coordinate-rescaled gradients, read from the same training rows (scaled chunk by chunk)
         self.exact_ = Exact(
             damping=self.lambda_eff_,
             blockwise=False,
             solve=o.solve,
             dtype=self.compute_dtype_,
+            device=o.device,
             backend=o.backend,
             chunk_size=o.chunk_size,
-        ).fit(scaled)
+            memory_budget=o.memory_budget,
+            distributed=self.distributed_,
+        )
+        self.exact_._shared_stats = self._stats
+        self.exact_._row_scale = self.coord_scale_
+        self.exact_.fit(self._train_store if self._train_store is not None else train)
 
     def _test_side(self, test: GradientSet) -> dict[str, torch.Tensor]:
         scaled = GradientSet({k: test[k] * self.coord_scale_[k] for k in test.names}, validate=False)
@@ -369,8 +415,10 @@ class RRInfFixedPoint(Estimator):
         test = self._prep_test(test)
         return {k: v * self.coord_scale_[k] for k, v in self._test_side(test).items()}
 
-    def _train_side(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.exact_._train_side(name, start, stop)
+    def _train_side(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x * self.coord_scale_[name]
 
-    def self_influence(self) -> torch.Tensor:
-        return self.exact_.self_influence()
+    def self_influence(self, *, gather: bool = False) -> torch.Tensor:
+        """−g̃_iᵀ(G̃ + λ'I)⁻¹g̃_i on the coordinate-rescaled gradients (see the class docstring)."""
+        self._check_fitted()
+        return self.exact_.self_influence(gather=gather)

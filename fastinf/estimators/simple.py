@@ -19,7 +19,12 @@ class HessianFreeOptions(EstimatorOptions):
 
 @register
 class HessianFree(Estimator):
-    """I(i, j) = − g_iᵀ t_j (÷ n with ``normalize=True``). Equals TracIn at one checkpoint. No damping."""
+    """I(i, j) = − g_iᵀ t_j (÷ n with ``normalize=True``). Equals TracIn at one checkpoint. No damping.
+
+    Passes over the training gradients: fit 0; ``score`` / ``topk`` / ``self_influence`` 1 each.
+    Memory: O(chunk·D + m·D + output) (output: (m, n) for ``score``, (m, k) for ``topk``, (n,) for
+    ``reduce="mean"`` and ``self_influence``).
+    """
 
     name = "hessian_free"
     Options = HessianFreeOptions
@@ -37,18 +42,22 @@ class DiagonalFisher(Estimator):
     """I(i, j) = − Σ_ι g_iι t_jι / (G_ιι + λ), G_ιι = (1/n) Σ_i g_iι².
 
     ``blockwise=False`` (default) uses the global λ rule; ``blockwise=True`` a λ_l per block.
+
+    Passes over the training gradients: fit 1 (the diagonal and the 'auto' λ together, all-reduced across
+    ranks); ``score`` / ``topk`` / ``self_influence`` 1 each. Memory: O(chunk·D + m·D + output) plus the
+    diagonal (D).
     """
 
     name = "diagonal_fisher"
 
     def _fit(self) -> None:
-        train = self.train_
+        n = self.n_
+        col = self.column_sq_sums()  # one pass: Σ_i g_iι² (float64), and the per-block sums for λ
         self.inv_diag_ = {}
         for group in self.block_groups():
             lam = self.damping_for(group)
             for k in group:
-                colsq = torch.linalg.vector_norm(train[k], dim=0).square().div_(train.n)  # G_ιι, no n×d temporary
-                self.inv_diag_[k] = 1.0 / (colsq + lam)
+                self.inv_diag_[k] = (1.0 / (col[k] / n + lam)).to(self.compute_dtype_)
 
     def _test_side(self, test: GradientSet) -> dict[str, torch.Tensor]:
         return {k: test[k] * self.inv_diag_[k] for k in test.names}
