@@ -67,8 +67,11 @@ def test_rerun_with_same_count_other_text_refuses(model, tmp_path):
     col.collect(_loader(12), store=tmp_path / "s", progress=False)
     other = _loader(12)
     other[1] = _loader(12, seed=1)[1]  # batch 1 holds other text, same shapes
+    with pytest.raises(StoreError, match=r"shard 0 holds other data than batch 1.*pass overwrite=True"):
+        col.collect(other, store=tmp_path / "s", progress=False)  # one shard holds all three batches
+    col.collect(_loader(12), store=tmp_path / "one", progress=False, shard_bytes=1)  # one shard per batch
     with pytest.raises(StoreError, match=r"shard 1 holds other data than batch 1.*pass overwrite=True"):
-        col.collect(other, store=tmp_path / "s", progress=False)
+        col.collect(other, store=tmp_path / "one", progress=False)
     st = col.collect(other, store=tmp_path / "s", progress=False, overwrite=True)
     torch.testing.assert_close(st.load().matrix(), col.collect(other, progress=False).matrix())
 
@@ -85,6 +88,7 @@ def test_a_shard_without_a_data_digest_is_not_trusted(model, tmp_path):
     loader = _loader(8)
     st = GradientStore.create(tmp_path / "s", col)
     st.append(col.batch_gradients(loader[0]))  # no data_sha256 (e.g. written by an older fastinf)
+    st.flush()
     with pytest.raises(StoreError, match=r"shard 0 records no digest of its data.*pass overwrite=True"):
         col.collect(loader, store=tmp_path / "s", progress=False)
 
@@ -110,7 +114,9 @@ def test_identical_rerun_reuses_without_recomputing(model, tmp_path, monkeypatch
     assert computed == [] and st.n == 10
     assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
     man = _manifest(tmp_path / "s")
-    assert all(len(s["data_sha256"]) == 64 for s in man["shards"]) and man["n"] == 10
+    assert len(man["shards"]) == 1 and man["n"] == 10  # 3 batches buffered into one shard
+    assert [b["n"] for b in man["shards"][0]["batches"]] == [4, 4, 2]
+    assert all(len(b["data_sha256"]) == 64 for b in man["shards"][0]["batches"])
 
 
 def test_resume_checks_the_shards_already_written(model, tmp_path, monkeypatch):
@@ -191,6 +197,7 @@ def test_open_refuses_an_incomplete_store(model, tmp_path):
     loader = _loader(12)
     st = GradientStore.create(tmp_path / "s", col)
     st.append(col.batch_gradients(loader[0]), data_sha256=None)
+    st.flush()
     with pytest.raises(StoreError, match=r"is incomplete: 4 rows, capture not finished.*allow_incomplete=True") as e:
         GradientStore.open(tmp_path / "s")
     assert "\n" not in str(e.value)
@@ -198,32 +205,43 @@ def test_open_refuses_an_incomplete_store(model, tmp_path):
 
 
 # ------------------------------------------------------------------------------ 4. damaged shard on resume
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "truncate-unfinished"])
-def test_resume_rewrites_a_damaged_shard(model, tmp_path, monkeypatch, caplog, damage):
+@pytest.mark.parametrize("shard_bytes", [1, None])  # one shard per batch; all three batches in one shard
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "truncate-unfinished", "foreign"])
+def test_resume_rewrites_a_damaged_shard(model, tmp_path, monkeypatch, caplog, damage, shard_bytes):
     col = fastinf.LoRAGradientCollector(model)
     loader = _loader(12)
-    col.collect(loader, store=tmp_path / "ref", progress=False)
-    ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()}
     unfinished = damage.endswith("unfinished")
-    col.collect(loader[:2] if unfinished else loader, store=tmp_path / "s", progress=False)
+    if unfinished and shard_bytes is None:
+        pytest.skip("an unfinished one-shard store has no complete shard to damage")
+    kw = {"progress": False, "shard_bytes": shard_bytes}
+    col.collect(loader, store=tmp_path / "ref", **kw)
+    ref = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()}
+    col.collect(loader[:2] if unfinished else loader, store=tmp_path / "s", **kw)
     if unfinished:  # as if interrupted after 2 of 3 batches
         man = _manifest(tmp_path / "s")
         man["complete"] = False
         (tmp_path / "s" / "manifest.json").write_text(json.dumps(man, indent=1))
-    shard = tmp_path / "s" / "shard-00001.safetensors"
+    name = "shard-00001.safetensors" if shard_bytes else "shard-00000.safetensors"
+    shard = tmp_path / "s" / name
     data = bytearray(shard.read_bytes())
     if damage.startswith("truncate"):
         shard.write_bytes(bytes(data[:-100]))
     elif damage == "flip":
         data[-5] ^= 0xFF
         shard.write_bytes(bytes(data))
+    elif damage == "foreign":  # a shard of another capture (other projection) copied over this one
+        fastinf.LoRAGradientCollector(model, projection=8).collect(loader, store=tmp_path / "other", **kw)
+        shard.write_bytes((tmp_path / "other" / name).read_bytes())
+        with pytest.raises(StoreError, match=rf"{name}: foreign shard: written by a store of another capture"):
+            GradientStore.open(tmp_path / "s").load()
     else:
         shard.unlink()
     computed = _count_batches(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="fastinf"):
-        st = col.collect(loader, store=tmp_path / "s", progress=False)
-    assert len(computed) == 1 + unfinished  # only the damaged shard (and the missing batch) were computed
-    assert any("shard-00001" in r.getMessage() and "recomput" in r.getMessage() for r in caplog.records)
+        st = col.collect(loader, store=tmp_path / "s", **kw)
+    # only the damaged shard's batches (and the missing batch) were computed
+    assert len(computed) == (1 + unfinished if shard_bytes else 3)
+    assert any(name[:11] in r.getMessage() and "recomput" in r.getMessage() for r in caplog.records)
     st.verify()
     assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == ref
 

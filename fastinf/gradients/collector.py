@@ -315,6 +315,8 @@ class LoRAGradientCollector:
         store: Any = None,
         progress: bool = True,
         overwrite: bool = False,
+        store_dtype: torch.dtype | None = None,
+        shard_bytes: int | None = None,
     ) -> GradientSet:
         """Per-example gradients of every example of ``dataloader`` (in order): a GradientSet.
 
@@ -324,19 +326,40 @@ class LoRAGradientCollector:
         same batches in the same order), a complete store of the same capture and data is reused
         without recomputing anything, damaged shards are recomputed and rewritten (with a warning),
         and the store is returned, opened lazily. ``overwrite=True`` replaces whatever the directory
-        holds.
+        holds. Batches are buffered into shards of ``shard_bytes`` (default 256 MiB; a crash loses at
+        most the unwritten buffer) stored in ``store_dtype`` (``torch.bfloat16``, ``torch.float16`` or
+        ``torch.float32``; default: ``dtype``, the gradients' own; part of the store's fingerprint).
+
+        Inside an initialised ``torch.distributed`` process group call it on every rank with the same
+        dataloader and ``store``: each rank captures its contiguous share of the batches into the
+        same store, rank 0 merges the records, and every rank returns the finished store, equal to a
+        one-process capture (see :meth:`GradientStore.fill`). Without ``store`` every rank computes
+        every batch.
 
         Raises:
             StoreError: (with ``store``, unless ``overwrite``) the directory holds a capture with other
                 arguments, a model with other adapter weights, or other data (other content, fewer or
                 more rows: see :meth:`GradientStore.fill`); messages end in "pass overwrite=True".
-            ValueError: the dataloader yields no batches; a loss that is not (N,) or not finite.
+            ValueError: the dataloader yields no batches; a loss that is not (N,) or not finite;
+                ``shard_bytes`` < 1, or ``store_dtype``/``shard_bytes`` without ``store``.
+            TypeError: ``store_dtype`` is not one of the storage dtypes.
         """
         if store is not None:
             from .store import GradientStore
 
-            st = store if isinstance(store, GradientStore) else GradientStore.create(store, self, overwrite=overwrite)
+            if isinstance(store, GradientStore):
+                st = store
+                if store_dtype is not None and str(store_dtype).replace("torch.", "") != st.manifest["dtype"]:
+                    raise ValueError(f"store_dtype={store_dtype} but the given store holds {st.manifest['dtype']}")
+                if shard_bytes is not None:
+                    st.shard_bytes = int(shard_bytes)
+            else:
+                st = GradientStore._create_for_capture(
+                    store, self, overwrite=overwrite, store_dtype=store_dtype, shard_bytes=shard_bytes
+                )
             return st.fill(self, dataloader, progress=progress)
+        if store_dtype is not None or shard_bytes is not None:
+            raise ValueError("store_dtype and shard_bytes apply to a capture into a store (pass store=path)")
         from tqdm.auto import tqdm
 
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.block_names}

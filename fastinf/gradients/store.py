@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..utils import atomic_write
 from ..version import __version__
 from .gradient_set import GradientSet, _first_bad_example, chunk_range
@@ -61,7 +62,8 @@ log = logging.getLogger("fastinf")
 
 FORMAT = "fastinf-gradient-store"
 # 2: shards record data_sha256, fingerprints the adapter weights' SHA-256 (version 1 stores stay readable)
-FORMAT_VERSION = 2
+# 3: shards sized in bytes hold several batches ({n, data_sha256} each); storage dtype; rank parts
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 
 
@@ -234,16 +236,42 @@ class GradientStore(GradientSet):
     """On-disk per-example gradients (see the module docstring). Create with :meth:`create`, read with
     :meth:`open`; ``LoRAGradientCollector.collect(loader, store=path)`` does both."""
 
-    __slots__ = ("path", "manifest", "_dims", "_verified", "_view", "_starts")
+    __slots__ = (
+        "path",
+        "manifest",
+        "shard_bytes",
+        "_dims",
+        "_verified",
+        "_view",
+        "_starts",
+        "_buf",
+        "_buf_bytes",
+        "_mname",
+        "_prefix",
+    )
 
-    def __init__(self, path: str | os.PathLike, manifest: dict, *, dtype=None, device=None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        manifest: dict,
+        *,
+        dtype=None,
+        device=None,
+        shard_bytes: int | None = None,
+        manifest_name: str = MANIFEST,
+        shard_prefix: str = "shard-",
+    ) -> None:
         # no GradientSet.__init__: blocks are lazy
         self.path = Path(path)
         self.manifest = manifest
+        self.shard_bytes = int(shard_bytes or manifest.get("shard_bytes") or DEFAULT_SHARD_BYTES)
         self._dims: dict[str, int] = dict(manifest["blocks"])
         self._verified: set[str] = set()
         self._view = (dtype, device)
         self._starts: list[int] | None = None
+        self._buf: list[tuple[dict[str, torch.Tensor], int, str | None]] = []
+        self._buf_bytes = 0
+        self._mname, self._prefix = manifest_name, shard_prefix
         self._blocks = _LazyBlocks(self, dtype, device)
 
     # ------------------------------------------------------------------------------ creation
@@ -254,32 +282,63 @@ class GradientStore(GradientSet):
         collector_or_fingerprint: Any,
         *,
         overwrite: bool = False,
+        store_dtype: torch.dtype | str | None = None,
+        shard_bytes: int | None = None,
     ) -> GradientStore:
         """Create (or reopen for resuming) a store for a capture.
 
-        ``collector_or_fingerprint``: a :class:`LoRAGradientCollector` or a fingerprint dict with at
-        least ``"blocks"`` (name -> dim) and ``"dtype"``. An existing store with the same fingerprint
-        is reopened for writing, complete or not (an incomplete one is not refused here: this is how
-        a capture resumes; :meth:`fill` then checks its shards against the data); a different one
-        raises unless ``overwrite=True`` (then it is wiped).
+        Args:
+            path: the store directory (created if missing).
+            collector_or_fingerprint: a :class:`LoRAGradientCollector` or a fingerprint dict with at
+                least ``"blocks"`` (name -> dim) and ``"dtype"`` (the gradients' dtype, e.g.
+                ``"bfloat16"``).
+            overwrite: wipe a directory that holds another capture (or anything else) first.
+            store_dtype: the dtype rows are stored in (``torch.bfloat16``, ``torch.float16`` or
+                ``torch.float32``; default: the gradients' dtype). Part of the fingerprint: a store
+                of the same capture in another storage dtype is a different store.
+            shard_bytes: rows are buffered by :meth:`append` and written as one shard once the buffer
+                holds this many bytes (default 256 MiB for a new store; an existing store keeps the
+                size it was created with, so a resumed capture cuts its shards where the first run
+                did). ``1`` writes every append as its own shard.
+
+        An existing store with the same fingerprint is reopened for writing, complete or not (an
+        incomplete one is not refused here: this is how a capture resumes; :meth:`fill` then checks
+        its shards against the data); a different one raises unless ``overwrite=True`` (then it is
+        wiped).
 
         Raises:
-            StoreError: the directory holds a store of another capture (and not ``overwrite``), or
-                is a non-empty directory that is not a store, or holds an unreadable manifest.
-            TypeError: ``collector_or_fingerprint`` is neither.
+            StoreError: the directory holds a store of another capture (names the differing
+                fingerprint keys, e.g. ``['projection_seed']`` or ``['store_dtype']``; not with
+                ``overwrite``), or is a non-empty directory that is not a store, or holds an
+                unreadable manifest.
+            TypeError: ``collector_or_fingerprint`` is neither; ``store_dtype`` is not a floating dtype.
+            ValueError: ``shard_bytes`` < 1.
         """
         fp = collector_or_fingerprint
         if hasattr(fp, "fingerprint"):
             fp = fp.fingerprint()
         if not isinstance(fp, Mapping) or "blocks" not in fp or "dtype" not in fp:
             raise TypeError("create() needs a LoRAGradientCollector or a fingerprint dict with 'blocks' and 'dtype'")
+        if shard_bytes is not None and (
+            isinstance(shard_bytes, bool) or int(shard_bytes) != shard_bytes or shard_bytes < 1
+        ):
+            raise ValueError(f"shard_bytes must be a positive int, got {shard_bytes!r}")
         fp = json.loads(json.dumps(fp))  # normalise (tuples -> lists, key order as given)
+        _dtype(fp["dtype"], "the fingerprint's dtype")
+        if store_dtype is not None:
+            sd = _dtype_name(store_dtype)
+            if sd == fp["dtype"]:
+                fp.pop("store_dtype", None)  # the default: the same fingerprint as a store without store_dtype
+            else:
+                fp["store_dtype"] = sd
+        elif "store_dtype" in fp:
+            fp["store_dtype"] = _dtype_name(fp["store_dtype"])
         path = Path(path)
         mpath = path / MANIFEST
         if mpath.exists():
             old = cls._read_manifest(path)
             if old.get("fingerprint") == fp and not overwrite:
-                return cls(path, old)
+                return cls(path, old, shard_bytes=shard_bytes)
             if not overwrite and old.get("format_version", 1) < 2:
                 raise StoreError(
                     f"{path} was written by an older fastinf (store format {old.get('format_version', 1)}), whose "
@@ -298,19 +357,47 @@ class GradientStore(GradientSet):
         elif path.exists() and any(path.iterdir()) and not overwrite:
             raise StoreError(f"{path} exists, is not empty and is not a gradient store; refusing to write into it")
         path.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "fastinf_version": __version__,
-            "fingerprint": fp,
-            "blocks": dict(fp["blocks"]),
-            "dtype": fp["dtype"],
-            "n": 0,
-            "complete": False,
-            "shards": [],
-        }
+        manifest = _new_manifest(fp, shard_bytes or DEFAULT_SHARD_BYTES)
         atomic_write(mpath, json.dumps(manifest, indent=1).encode(), durable=True)
         return cls(path, manifest)
+
+    @classmethod
+    def _create_for_capture(
+        cls,
+        path: str | os.PathLike,
+        collector: Any,
+        *,
+        overwrite: bool = False,
+        store_dtype: torch.dtype | str | None = None,
+        shard_bytes: int | None = None,
+    ) -> GradientStore:
+        """:meth:`create` on every rank of a process group: the ranks' fingerprints must agree; rank 0
+        creates (or wipes, or checks) the directory, the others then reopen it. One process: create."""
+        if not distributed.is_distributed():
+            return cls.create(path, collector, overwrite=overwrite, store_dtype=store_dtype, shard_bytes=shard_bytes)
+        fp = collector.fingerprint() if hasattr(collector, "fingerprint") else collector
+        fps = distributed.all_gather_objects(fp)
+        for r, other in enumerate(fps[1:], start=1):
+            if other != fps[0]:
+                diffs = _model_differences(fps[0], other) or [
+                    "differs in " + str(sorted(k for k in set(fps[0]) | set(other) if fps[0].get(k) != other.get(k)))
+                ]
+                raise StoreError(
+                    f"{path}: the ranks capture with different arguments (rank 0 vs rank {r}: {'; '.join(diffs)}); "
+                    "every rank must load the same model and adapter with the same options"
+                )
+        err = None
+        if distributed.rank() == 0:
+            try:
+                cls.create(path, fp, overwrite=overwrite, store_dtype=store_dtype, shard_bytes=shard_bytes)
+            except Exception as e:  # every rank raises the same error
+                err = e
+        msg = distributed.broadcast_object(None if err is None else (type(err).__name__, str(err)))
+        if err is not None:
+            raise err
+        if msg is not None:
+            raise (TypeError if msg[0] == "TypeError" else ValueError if msg[0] == "ValueError" else StoreError)(msg[1])
+        return cls.create(path, fp, store_dtype=store_dtype, shard_bytes=shard_bytes)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, allow_incomplete: bool = False) -> GradientStore:
@@ -319,7 +406,8 @@ class GradientStore(GradientSet):
         Args:
             path: the store directory.
             allow_incomplete: also open a store whose capture was interrupted (it holds only the
-                rows captured so far).
+                rows of the shards written so far; a distributed capture's rows appear when its
+                ranks' records are merged, at the end).
 
         Raises:
             StoreError: not a store (no or invalid manifest, newer format); the capture did not finish
@@ -338,10 +426,10 @@ class GradientStore(GradientSet):
         return cls(path, manifest)
 
     @staticmethod
-    def _read_manifest(path: Path) -> dict:
-        mpath = path / MANIFEST
+    def _read_manifest(path: Path, name: str = MANIFEST) -> dict:
+        mpath = path / name
         if not mpath.exists():
-            raise StoreError(f"{path} is not a gradient store (no {MANIFEST})")
+            raise StoreError(f"{path} is not a gradient store (no {name})")
         try:
             manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as e:
@@ -356,52 +444,117 @@ class GradientStore(GradientSet):
 
     # ------------------------------------------------------------------------------ writing
     def append(self, blocks: Mapping[str, torch.Tensor], *, data_sha256: str | None = None) -> None:
-        """Append one shard (atomically): name -> (N, d_l) for every block of the store.
+        """Append rows: name -> (N, d_l) for every block of the store, in any floating dtype (converted
+        to the storage dtype here).
 
-        ``data_sha256``: the :func:`batch_digest` of the batch the rows were computed from (what
-        :meth:`fill` records and later checks the data against); a shard without it cannot be checked,
-        so a capture re-run on it refuses (``overwrite=True`` recomputes).
+        The rows are buffered and written as one shard (atomically, with one manifest rewrite) once
+        the buffer holds ``shard_bytes``; :meth:`flush` and :meth:`mark_complete` write the rest. Rows
+        still in the buffer are lost if the process dies (a capture recomputes them on resume).
+        Memory: the buffer, at most ``shard_bytes`` plus one append, and a transient copy of it while
+        a shard is serialised.
+
+        ``data_sha256``: the :func:`batch_digest` of the batch the rows were computed from (the shard
+        records it per batch, and :meth:`fill` later checks the data against it); a batch without it
+        cannot be checked, so a capture re-run on it refuses (``overwrite=True`` recomputes).
 
         Raises:
             ValueError: blocks that do not match the store's names or widths, ragged row counts,
-                non-finite values.
+                non-finite values (also after conversion: float16 overflows beyond 65504).
+            StoreError: the shard this append completes could not be written (an ``OSError``, e.g. a
+                full disk: the message names the shard and the OS error); the store on disk is
+                unchanged and the rows stay buffered (:meth:`flush` retries).
         """
-        idx = len(self.manifest["shards"])
-        data, n_new = self._encode(blocks, idx, self.n_stored)
-        fname = f"shard-{idx:05d}.safetensors"
-        atomic_write(self.path / fname, data, durable=True)
-        entry = {"file": fname, "n": n_new, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        if data_sha256 is not None:
-            entry["data_sha256"] = data_sha256
-        self.manifest["shards"].append(entry)
+        row0 = self.n_stored + sum(b[1] for b in self._buf)
+        tensors, n_new = self._prepare(blocks, row0)
+        self._buf.append((tensors, n_new, data_sha256))
+        self._buf_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        if self._buf_bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one shard now (nothing to do when the buffer is empty).
+
+        The shard goes to a temporary file that is fsynced and renamed; then the manifest is rewritten
+        the same way to list it. A failure at any point leaves the manifest listing only complete
+        shards.
+
+        Raises:
+            StoreError: an ``OSError`` while writing the shard or the manifest ("<store>/shard-00003
+                .safetensors: could not write shard 3 (4096 rows): [Errno 28] No space left on device;
+                ..."); the buffer is kept, so a later flush retries, and a re-run of the capture resumes
+                after the last complete shard.
+        """
+        if not self._buf:
+            return
+        shards = self.manifest["shards"]
+        idx = len(shards)
+        fname = f"{self._prefix}{idx:05d}.safetensors"
+        names = list(self._dims)
+        tensors = {
+            k: torch.cat([b[0][k] for b in self._buf]) if len(self._buf) > 1 else self._buf[0][0][k] for k in names
+        }
+        n_new = sum(b[1] for b in self._buf)
+        data = self._serialise(tensors, idx)
+        del tensors
+        try:
+            atomic_write(self.path / fname, data, durable=True)
+        except OSError as e:
+            raise StoreError(
+                f"{self.path / fname}: could not write shard {idx} ({n_new} rows): {_os_message(e)}; the store is "
+                f"consistent (its manifest lists the {idx} complete shards, {self.n_stored} rows); free the space "
+                "or fix the error and re-run the capture to resume"
+            ) from e
+        entry = {
+            "file": fname,
+            "n": n_new,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "batches": [{"n": n, "data_sha256": d} for _, n, d in self._buf],
+        }
+        shards.append(entry)
         self.manifest["n"] += n_new
-        self._write_manifest()
+        try:
+            self._write_manifest()
+        except OSError as e:
+            shards.pop()
+            self.manifest["n"] -= n_new
+            raise StoreError(
+                f"{self.path / self._mname}: could not record shard {idx} ({fname}, {n_new} rows) in the manifest: "
+                f"{_os_message(e)}; the store is consistent (the manifest lists the {idx} complete shards, "
+                f"{self.n_stored} rows); free the space or fix the error and re-run the capture to resume"
+            ) from e
+        self._verified.add(fname)
+        self._buf, self._buf_bytes = [], 0
 
     def _rewrite_shard(self, idx: int, blocks: Mapping[str, torch.Tensor]) -> None:
         """Recompute shard ``idx`` in place (atomically) from freshly computed ``blocks``."""
         e = self.manifest["shards"][idx]
         row0 = sum(s["n"] for s in self.manifest["shards"][:idx])
-        data, n_new = self._encode(blocks, idx, row0)
-        if n_new != e["n"]:  # pragma: no cover - fill() checked the batch's rows against the shard's
-            raise StoreError(f"{self.path}: batch {idx} gave {n_new} rows, shard {idx} holds {e['n']}")
-        atomic_write(self.path / e["file"], data, durable=True)
+        tensors, n_new = self._prepare(blocks, row0)
+        if n_new != e["n"]:  # pragma: no cover - fill() checked the batches' rows against the shard's
+            raise StoreError(f"{self.path}: recomputed {n_new} rows for shard {idx}, which holds {e['n']}")
+        data = self._serialise(tensors, idx)
+        try:
+            atomic_write(self.path / e["file"], data, durable=True)
+        except OSError as ex:
+            raise StoreError(f"{self.path / e['file']}: could not rewrite the damaged shard: {_os_message(ex)}") from ex
         self._verified.discard(e["file"])
         sha = hashlib.sha256(data).hexdigest()
         if (len(data), sha) != (e["bytes"], e["sha256"]):  # e.g. non-deterministic kernels on a GPU
             e["bytes"], e["sha256"] = len(data), sha
             self._write_manifest()
 
-    def _encode(self, blocks: Mapping[str, torch.Tensor], idx: int, row0: int) -> tuple[bytes, int]:
-        """Validate one shard's blocks and serialise them: (safetensors bytes, rows)."""
-        from safetensors.torch import save
-
+    def _prepare(self, blocks: Mapping[str, torch.Tensor], row0: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Validate one append's blocks and convert them to the storage dtype on the CPU: (tensors, rows)."""
         if set(blocks) != set(self._dims):
             raise ValueError(f"append: blocks {sorted(blocks)} do not match the store's {sorted(self._dims)}")
-        dtype = getattr(torch, self.manifest["dtype"])
+        dtype = _dtype(self.manifest["dtype"], "the store's dtype")
         n_new = None
         tensors = {}
         for name in self._dims:
             t = blocks[name]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"append: block {name!r} must be a floating tensor")
             if t.dim() != 2 or t.shape[1] != self._dims[name]:
                 raise ValueError(f"append: block {name!r} must be (N, {self._dims[name]}), got {tuple(t.shape)}")
             if n_new is None:
@@ -411,47 +564,81 @@ class GradientStore(GradientSet):
             bad = _first_bad_example(t)
             if bad is not None:
                 raise ValueError(f"block {name!r}: non-finite gradient for example {row0 + bad} of the capture")
-            tensors[name] = t.detach().to(device="cpu", dtype=dtype).contiguous()
-        data = save(tensors, metadata={"format": f"{FORMAT}/{idx}"})  # one key: deterministic header
-        return data, int(n_new)
+            c = t.detach().to(device="cpu", dtype=dtype).contiguous()
+            if c.dtype != t.dtype:
+                bad = _first_bad_example(c)
+                if bad is not None:
+                    raise ValueError(
+                        f"block {name!r}: example {row0 + bad} of the capture overflows the storage dtype {dtype} "
+                        "(store in bfloat16 or float32 instead)"
+                    )
+            tensors[name] = c
+        return tensors, int(n_new or 0)
+
+    def _serialise(self, tensors: Mapping[str, torch.Tensor], idx: int) -> bytes:
+        from safetensors.torch import save
+
+        # one metadata key (safetensors orders several at random): the format, the shard's index and the
+        # capture's fingerprint id (so a shard copied in from another store is recognised)
+        meta = {"format": f"{FORMAT}/{idx}/{_fingerprint_id(self.manifest.get('fingerprint') or {})}"}
+        return save(dict(tensors), metadata=meta)
 
     def _write_manifest(self) -> None:
-        atomic_write(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode(), durable=True)
+        self.manifest["format_version"] = max(int(self.manifest.get("format_version", 1)), FORMAT_VERSION)
+        atomic_write(self.path / self._mname, json.dumps(self.manifest, indent=1).encode(), durable=True)
 
     def mark_complete(self) -> None:
-        """Record that the capture finished (:meth:`open` then reads the store without ``allow_incomplete``)."""
+        """Write any buffered rows (:meth:`flush`) and record that the capture finished (:meth:`open`
+        then reads the store without ``allow_incomplete``).
+
+        Raises:
+            StoreError: the last shard could not be written (see :meth:`flush`).
+        """
+        self.flush()
         if not self.manifest.get("complete"):
             self.manifest["complete"] = True
             self._write_manifest()
 
     @property
     def n_stored(self) -> int:
+        """Rows in the shards written so far (not counting buffered rows)."""
         return int(self.manifest["n"])
 
     def fill(self, collector: Any, dataloader: Iterable, *, progress: bool = True) -> GradientStore:
-        """Capture every batch of ``dataloader`` not yet stored (resume), one shard per batch.
+        """Capture every batch of ``dataloader`` not yet stored (resume), buffering batches into shards
+        of ``shard_bytes``.
 
-        Every batch is first checked against the shard that already claims to hold it (its
+        Every batch is first checked against the shard that already holds it (its
         :func:`batch_digest` and row count: no forward pass), so a re-run resumes an interrupted
-        capture, reuses a complete store of the same data without recomputing anything, and refuses
-        other data. A stored shard whose file is missing, truncated or corrupted is recomputed from
-        its batch and rewritten atomically, with a warning (logger ``"fastinf"``) naming it. Returns
-        the complete store, opened for reading.
+        capture from the first batch not in a complete shard, reuses a complete store of the same
+        data without recomputing anything, and refuses other data. A stored shard whose file is
+        missing, truncated, corrupted or foreign is recomputed from its batches and rewritten
+        atomically, with a warning (logger ``"fastinf"``) naming it. Returns the complete store,
+        opened for reading.
+
+        Inside an initialised ``torch.distributed`` process group (more than one process), call it on
+        every rank with the same dataloader: rank r captures the r-th contiguous range of the batches
+        not yet stored (:func:`fastinf.distributed.split_range`) into its own shards
+        (``shard-r{r}of{P}-*.safetensors``, recorded in ``part-r{r}of{P}.json``); after all ranks
+        finish, rank 0 checks the shards already stored and merges the ranks' records, in batch
+        order, into the manifest (one atomic write), so the store equals a one-process capture (same
+        rows in the same order, the same bytes per row). A rank killed mid-capture loses only its
+        buffered batches: re-running every rank resumes each part. The dataloader must have a
+        ``len()`` or be re-iterable (it is then counted first).
 
         Raises:
             StoreError: the data differs from what the store holds: a batch with other content or
-                rows than its shard ("shard 3 holds other data than batch 3"), fewer or more rows in
+                rows than its shard ("shard 3 holds other data than batch 7"), fewer or more rows in
                 all ("the store holds 20 rows, the data 5"), or a shard that recorded no data digest;
-                each message ends in "pass overwrite=True" (recompute the store from scratch).
+                each message ends in "pass overwrite=True" (recompute the store from scratch). A shard
+                could not be written (``OSError``: see :meth:`flush`). Distributed: any rank's error,
+                on every rank.
             ValueError: the dataloader yielded no batches.
         """
+        if distributed.is_distributed():
+            return self._fill_distributed(collector, dataloader, progress=progress)
         from tqdm.auto import tqdm
 
-        shards = self.manifest["shards"]
-        stored, complete = len(shards), bool(self.manifest.get("complete"))
-        rows = batches = 0
-        mismatch: str | None = None  # the first difference; after it, batches are only counted
-        repaired: list[str] = []
         total = len(dataloader) if hasattr(dataloader, "__len__") else None
         bar = tqdm(
             dataloader,
@@ -460,77 +647,173 @@ class GradientStore(GradientSet):
             unit="batch",
             disable=not progress,
         )
-        rows_known = True  # False once a batch's rows could not be told (a batch without tensors)
+        f = _Filler(self, collector)
         for i, batch in enumerate(bar):
-            batches = i + 1
-            size = _batch_size(batch, strict=False)
-            if mismatch is None and i >= stored and not complete:  # not stored yet: capture it
-                digest = batch_digest(batch)
-                grads = collector.batch_gradients(batch)
-                self.append(grads, data_sha256=digest)
-                rows += next(iter(grads.values())).shape[0]
-                continue
-            if mismatch is None and i < stored:
-                e = shards[i]
-                if e.get("data_sha256") is None:
-                    raise StoreError(
-                        f"{self.path}: shard {i} records no digest of its data (written by an older fastinf or by "
-                        "append() without data_sha256), so it cannot be checked against the data; "
-                        "pass overwrite=True to recompute the store"
-                    )
-                if size is not None and e["n"] != size:
-                    mismatch = (
-                        f"shard {i} holds other data than batch {i} ({e['n']} rows vs {size}: other data, or the "
-                        "same data in batches of another size)"
-                    )
-                elif e["data_sha256"] != batch_digest(batch):
-                    mismatch = f"shard {i} holds other data than batch {i} (same {e['n']} rows, other content)"
-                else:
-                    rows += e["n"]
-                    problem = self._shard_problem(e)
-                    if problem is not None:
-                        self._rewrite_shard(i, collector.batch_gradients(batch))
-                        repaired.append(e["file"])
-                        log.warning("%s: %s; recomputed it from batch %d", self._shard_path(e), problem, i)
-                    continue
-            elif mismatch is None:  # a complete store, and the data goes on
-                mismatch = f"the store holds {stored} batches, the data more"
-            # after the first difference the remaining batches are only counted, for the message
-            if size is None:
-                rows_known = False
-            else:
-                rows += size
-        if batches == 0 and stored == 0:
-            raise ValueError("the dataloader yielded no batches: nothing to capture")
-        if mismatch is not None or batches < stored:
-            if rows_known and rows != self.n_stored and (complete or rows < self.n_stored):
-                what = f"the store holds {self.n_stored} rows, the data {rows}"
-            else:
-                what = mismatch or f"the store holds {stored} batches, the data {batches}"
-            state = "" if complete else " (an unfinished capture)"
-            raise StoreError(
-                f"{self.path}{state}: {what}; pass overwrite=True to recompute the store from this data, "
-                "or use another directory"
-            )
-        if len(repaired) > 1:
-            log.warning("%s: rewrote %d damaged shard(s): %s", self.path, len(repaired), ", ".join(repaired))
+            f.step(i, i, batch)
+        f.finish()
         self.mark_complete()
         return GradientStore.open(self.path)
+
+    # ------------------------------------------------------------------------------ distributed capture
+    def _part(self, r: int, p: int, b0: int, b1: int) -> GradientStore:
+        """Rank ``r``'s part of a distributed capture of batches ``[b0, b1)``: reopened to resume when a
+        part of the same capture and range exists, else (a stale part is discarded) started empty."""
+        name, prefix = f"part-r{r}of{p}.json", f"shard-r{r}of{p}-"
+        want = {"rank": r, "world_size": p, "first_batch": b0, "stop_batch": b1}
+        man = None
+        if (self.path / name).exists():
+            try:
+                man = self._read_manifest(self.path, name)
+            except StoreError as e:
+                log.warning("%s: discarding an unreadable part record (%s)", self.path / name, e)
+            if man is not None and (man.get("fingerprint") != self.manifest["fingerprint"] or man.get("part") != want):
+                log.warning(
+                    "%s: discarding the part of an earlier capture (another range of batches or arguments)",
+                    self.path / name,
+                )
+                for e in man.get("shards", []):
+                    (self.path / e["file"]).unlink(missing_ok=True)
+                man = None
+        if man is None:
+            man = _new_manifest(self.manifest["fingerprint"], self.shard_bytes)
+            man["dtype"] = self.manifest["dtype"]
+            man["part"] = want
+            atomic_write(self.path / name, json.dumps(man, indent=1).encode(), durable=True)
+        return GradientStore(self.path, man, shard_bytes=self.shard_bytes, manifest_name=name, shard_prefix=prefix)
+
+    def _fill_distributed(self, collector: Any, dataloader: Iterable, *, progress: bool) -> GradientStore:
+        from tqdm.auto import tqdm
+
+        r, p = distributed.rank(), distributed.world_size()
+        if hasattr(dataloader, "__len__"):
+            total = len(dataloader)
+        elif iter(dataloader) is dataloader:
+            raise TypeError(
+                "a distributed capture needs a dataloader with len() or one that can be iterated twice "
+                "(every rank must know the number of batches to take its share)"
+            )
+        else:
+            total = sum(1 for _ in dataloader)
+        complete = bool(self.manifest.get("complete"))
+        err: BaseException | None = None
+        payload = None
+        try:
+            if complete:  # a finished store: rank 0 checks it against the data (and repairs), the others wait
+                if r == 0:
+                    f = _Filler(self, collector)
+                    for i, batch in enumerate(dataloader):
+                        f.step(i, i, batch)
+                    f.finish()
+            else:
+                s = sum(len(_entry_batches(e)) for e in self.manifest["shards"])  # stored by a one-process run
+                b0, b1 = distributed.split_range(max(total - s, 0), r, p)
+                b0, b1 = b0 + s, b1 + s
+                part = self._part(r, p, b0, b1) if b1 > b0 else None
+                f0 = _Filler(self, collector) if r == 0 and s else None
+                fp = _Filler(part, collector) if part is not None else None
+                bar = tqdm(
+                    dataloader,
+                    total=total,
+                    desc=f"per-example gradients -> {self.path.name} (rank {r}/{p})",
+                    unit="batch",
+                    disable=not progress or r != 0,
+                )
+                for i, batch in enumerate(bar):
+                    if i >= b1:  # b1 >= s: nothing of this rank's after it
+                        break
+                    if i < s:
+                        if f0 is not None:
+                            f0.step(i, i, batch)
+                    elif i >= b0:
+                        fp.step(i - b0, i, batch)
+                if f0 is not None:
+                    f0.finish()
+                if fp is not None:
+                    fp.finish()
+                    part.flush()
+                    payload = (b0, b1, part.manifest["shards"])
+                elif total == 0 and s == 0 and r == 0:
+                    raise ValueError("the dataloader yielded no batches: nothing to capture")
+        except Exception as e:
+            err = e
+        results = distributed.all_gather_objects(None if err is None else f"rank {r}: {type(err).__name__}: {err}")
+        if err is not None:
+            raise err
+        failed = [m for m in results if m is not None]
+        if failed:
+            raise StoreError(f"{self.path}: the distributed capture failed on {failed[0]}")
+        parts = distributed.all_gather_objects(payload)
+        if not complete and r == 0:
+            self._merge_parts([q for q in parts if q is not None], total)
+        elif complete and r == 0:
+            self._remove_parts()
+        distributed.barrier()
+        return GradientStore.open(self.path)
+
+    def _merge_parts(self, parts: list, total: int) -> None:
+        """Rank 0: append the ranks' shard records (in batch order) to the manifest, mark it complete
+        (one atomic write), then remove the part records."""
+        shards = self.manifest["shards"]
+        at = sum(len(_entry_batches(e)) for e in shards)
+        for b0, b1, entries in sorted(parts, key=lambda q: q[0]):
+            got = sum(len(_entry_batches(e)) for e in entries)
+            if b0 != at or got != b1 - b0:  # pragma: no cover - the ranks' ranges tile the batches by construction
+                raise StoreError(f"{self.path}: the ranks' parts do not tile the batches (at {at}: part {b0}..{b1})")
+            shards.extend(entries)
+            self.manifest["n"] += sum(e["n"] for e in entries)
+            at = b1
+        if at != total:  # pragma: no cover
+            raise StoreError(f"{self.path}: the ranks' parts cover {at} of {total} batches")
+        self.manifest["complete"] = True
+        self._write_manifest()
+        self._remove_parts()
+
+    def _remove_parts(self) -> None:
+        """Remove part records and rank shards no longer listed in the manifest (a finished store)."""
+        listed = {e["file"] for e in self.manifest["shards"]}
+        for q in self.path.glob("part-r*of*.json"):
+            q.unlink(missing_ok=True)
+        for q in self.path.glob("shard-r*of*-*.safetensors"):
+            if q.name not in listed:
+                q.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------ reading
     def _shard_path(self, entry: dict) -> Path:
         return self.path / entry["file"]
 
     def _shard_problem(self, entry: dict) -> str | None:
-        """Why a shard's file does not match its manifest entry (missing, size, SHA-256), or None."""
+        """Why a shard's file does not match its manifest entry (missing, size, SHA-256, written by
+        another store), or None."""
         p = self._shard_path(entry)
         if not p.exists():
             return "shard listed in the manifest is missing"
         size = p.stat().st_size
-        if size != entry["bytes"]:
-            return f"shard is truncated or was modified ({size} bytes, manifest says {entry['bytes']})"
-        if _sha256(p) != entry["sha256"]:
+        if size != entry["bytes"] or _sha256(p) != entry["sha256"]:
+            foreign = self._foreign(p)
+            if foreign is not None:
+                return foreign
+            if size != entry["bytes"]:
+                return f"shard is truncated or was modified ({size} bytes, manifest says {entry['bytes']})"
             return "shard checksum mismatch (the file is corrupted)"
+        return None
+
+    def _foreign(self, p: Path) -> str | None:
+        """A description when the (readable) shard file ``p`` was written by a store of another capture."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # unreadable: not foreign, damaged
+            return None
+        own = _fingerprint_id(self.manifest.get("fingerprint") or {})
+        fmt = str(meta.get("format", "")).split("/")
+        other = fmt[2] if len(fmt) == 3 and fmt[0] == FORMAT else None
+        if other is not None and other != own:
+            return (
+                f"foreign shard: written by a store of another capture (fingerprint {other} vs this store's {own}), "
+                "not the shard the manifest lists"
+            )
         return None
 
     def _check_shard(self, entry: dict) -> Path:
@@ -671,6 +954,152 @@ class GradientStore(GradientSet):
     def load(self) -> GradientSet:
         """The whole store in memory."""
         return self._rows(0, self.n)
+
+
+DEFAULT_SHARD_BYTES = 256 << 20
+STORE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _dtype_name(dt: torch.dtype | str) -> str:
+    """'bfloat16' for torch.bfloat16 or 'bfloat16'; TypeError for anything but a floating dtype."""
+    name = str(dt).replace("torch.", "")
+    if name not in STORE_DTYPES:
+        raise TypeError(f"store_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dt!r}")
+    return name
+
+
+def _dtype(name: str, what: str) -> torch.dtype:
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise TypeError(f"{what} must name a floating torch dtype, got {name!r}")
+    return dt
+
+
+def _fingerprint_id(fp: Mapping) -> str:
+    """A short digest of a capture fingerprint (written into every shard's header)."""
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _new_manifest(fp: dict, shard_bytes: int) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fastinf_version": __version__,
+        "fingerprint": fp,
+        "blocks": dict(fp["blocks"]),
+        "dtype": fp.get("store_dtype", fp["dtype"]),
+        "shard_bytes": int(shard_bytes),
+        "n": 0,
+        "complete": False,
+        "shards": [],
+    }
+
+
+def _entry_batches(e: Mapping) -> list[dict]:
+    """The batches a shard holds, [{n, data_sha256}] (format 2 shards held one batch each)."""
+    b = e.get("batches")
+    if b is not None:
+        return b
+    return [{"n": e["n"], "data_sha256": e.get("data_sha256")}]
+
+
+def _os_message(e: OSError) -> str:
+    return f"[Errno {e.errno}] {e.strerror}" if e.errno is not None and e.strerror else f"{type(e).__name__}: {e}"
+
+
+class _Filler:
+    """One pass of a capture over a store (or a rank's part): checks each batch against the batch its
+    shards record (digest, rows), recomputes damaged shards from their batches, captures the rest."""
+
+    def __init__(self, store: GradientStore, collector: Any) -> None:
+        self.st, self.col = store, collector
+        self.recs: list[tuple[int, int, int, int, str | None]] = []  # (shard, position, batches in it, rows, digest)
+        for si, e in enumerate(store.manifest["shards"]):
+            bl = _entry_batches(e)
+            self.recs += [(si, pos, len(bl), int(b["n"]), b.get("data_sha256")) for pos, b in enumerate(bl)]
+        self.stored, self.complete = len(self.recs), bool(store.manifest.get("complete"))
+        self.rows = self.batches = 0
+        self.mismatch: str | None = None  # the first difference; after it, batches are only counted
+        self.rows_known = True  # False once a batch's rows could not be told (a batch without tensors)
+        self.problems: dict[int, str | None] = {}
+        self.repair: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self.repaired: list[str] = []
+
+    def _label(self, si: int) -> str:
+        main = self.st._mname == MANIFEST
+        return f"shard {si}" if main else f"shard {self.st.manifest['shards'][si]['file']}"
+
+    def step(self, j: int, i: int, batch: Any) -> None:
+        """Batch ``i`` of the data, the ``j``-th of this store (or part)."""
+        self.batches = j + 1
+        size = _batch_size(batch, strict=False)
+        st = self.st
+        if self.mismatch is None and j >= self.stored and not self.complete:  # not stored yet: capture it
+            digest = batch_digest(batch)
+            grads = self.col.batch_gradients(batch)
+            st.append(grads, data_sha256=digest)
+            self.rows += next(iter(grads.values())).shape[0]
+            return
+        if self.mismatch is None and j < self.stored:
+            si, pos, nb, n, d = self.recs[j]
+            if d is None:
+                raise StoreError(
+                    f"{st.path}: {self._label(si)} records no digest of its data (written by an older fastinf or "
+                    "by append() without data_sha256), so it cannot be checked against the data; "
+                    "pass overwrite=True to recompute the store"
+                )
+            if size is not None and n != size:
+                self.mismatch = (
+                    f"{self._label(si)} holds other data than batch {i} ({n} rows vs {size}: other data, or the "
+                    "same data in batches of another size)"
+                )
+            elif d != batch_digest(batch):
+                self.mismatch = f"{self._label(si)} holds other data than batch {i} (same {n} rows, other content)"
+            else:
+                self.rows += n
+                if si not in self.problems:
+                    self.problems[si] = st._shard_problem(st.manifest["shards"][si])
+                if self.problems[si] is not None:
+                    self.repair.setdefault(si, []).append(self.col.batch_gradients(batch))
+                    if pos == nb - 1:
+                        parts = self.repair.pop(si)
+                        blocks = {k: torch.cat([g[k] for g in parts]) for k in parts[0]}
+                        st._rewrite_shard(si, blocks)
+                        e = st.manifest["shards"][si]
+                        self.repaired.append(e["file"])
+                        log.warning(
+                            "%s: %s; recomputed it from batch%s %s",
+                            st._shard_path(e),
+                            self.problems[si],
+                            "es" if nb > 1 else "",
+                            f"{i - nb + 1}..{i}" if nb > 1 else i,
+                        )
+                return
+        elif self.mismatch is None:  # a complete store, and the data goes on
+            self.mismatch = f"the store holds {self.stored} batches, the data more"
+        # after the first difference the remaining batches are only counted, for the message
+        if size is None:
+            self.rows_known = False
+        else:
+            self.rows += size
+
+    def finish(self) -> None:
+        """Raise if the data differed from the store (see :meth:`GradientStore.fill`)."""
+        st = self.st
+        if self.batches == 0 and self.stored == 0:
+            raise ValueError("the dataloader yielded no batches: nothing to capture")
+        if self.mismatch is not None or self.batches < self.stored:
+            if self.rows_known and self.rows != st.n_stored and (self.complete or self.rows < st.n_stored):
+                what = f"the store holds {st.n_stored} rows, the data {self.rows}"
+            else:
+                what = self.mismatch or f"the store holds {self.stored} batches, the data {self.batches}"
+            state = "" if self.complete else " (an unfinished capture)"
+            raise StoreError(
+                f"{st.path}{state}: {what}; pass overwrite=True to recompute the store from this data, "
+                "or use another directory"
+            )
+        if len(self.repaired) > 1:
+            log.warning("%s: rewrote %d damaged shard(s): %s", st.path, len(self.repaired), ", ".join(self.repaired))
 
 
 def _batch_size(batch: Any, *, strict: bool = True) -> int | None:

@@ -17,7 +17,7 @@ def _blocks(n, seed=0, dtype=torch.float32):
 
 def _store(path, sizes, dtype=torch.float32, **kw):
     fp = {"blocks": {"a": 3, "b": 5}, "dtype": str(dtype).replace("torch.", "")}
-    st = GradientStore.create(path, fp, **kw)
+    st = GradientStore.create(path, fp, shard_bytes=1, **kw)  # one shard per append
     parts = [_blocks(k, seed=i, dtype=dtype) for i, k in enumerate(sizes)]
     for p in parts:
         st.append(p)
