@@ -397,6 +397,9 @@ class Estimator(BaseEstimator):
     # False: the method cannot split the training rows over ranks (distributed=True is refused and 'auto'
     # computes the whole result on every rank)
     supports_distributed: ClassVar[bool] = True
+    # True: the test side itself runs collectives (LiSSA's all-reduced G·r), so distributed self-influence
+    # steps all ranks in lockstep over the union of their chunks
+    test_side_collective: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -542,7 +545,7 @@ class Estimator(BaseEstimator):
         self._stats["passes"] += 1
         self._stats["rows"] += rows
 
-    def _pass(self, chunk: int | None = None, start: int | None = None, stop: int | None = None):
+    def _pass(self, chunk: int | None = None, start: int | None = None, stop: int | None = None, *, track=True):
         """One pass over the training rows ``[start, stop)`` (default: this rank's ``rows_``) in row chunks:
         yields ``(s, e, chunk)`` with ``chunk`` a GradientSet of rows s..e in the compute dtype and device
         (times ``_row_scale`` where set). Counts the pass; the first pass after ``fit`` also sums the
@@ -550,7 +553,7 @@ class Estimator(BaseEstimator):
         a, b = self.rows_ if start is None else (start, stop)
         chunk = chunk or self._chunk(1)
         self._stats["passes"] += 1
-        track = self._sq_sums is None
+        track = track and self._sq_sums is None
         names = self.train_.names
         acc = torch.zeros(len(names), dtype=torch.float64)
         for s, part in _iter_rows(self.train_, chunk, a, b):
@@ -726,10 +729,44 @@ class Estimator(BaseEstimator):
         Distributed: this rank's rows ``rows_[0]:rows_[1]``, or all n on every rank with ``gather=True``."""
         self._check_fitted()
         a, b = self.rows_
+        if self.distributed_ and self.test_side_collective:
+            return self._gather_cols(self._self_influence_lockstep(), gather)
         out = torch.empty(b - a, dtype=self.compute_dtype_, device=self.device_)
         for s, e, ch in self._pass(self._self_chunk_size()):
             out[s - a : e - a] = self._self_chunk(ch)
         return self._gather_cols(out, gather)
+
+    def _self_influence_lockstep(self) -> torch.Tensor:
+        """Distributed self-influence for a test side with collectives: at each step every rank reads its
+        next chunk of own rows, the chunks are all-gathered (tests: small), the test side of their union is
+        computed together, and each rank keeps its own rows. All ranks take the same number of steps."""
+        a, b = self.rows_
+        chunk = self._self_chunk_size()
+        p = dist.world_size()
+        sizes = [e - s for s, e in (dist.split_range(self.n_, r, p) for r in range(p))]
+        steps = max(-(-c // chunk) for c in sizes)
+        out = torch.empty(b - a, dtype=self.compute_dtype_, device=self.device_)
+        it = iter(self._pass(chunk, track=False))
+        names = self.train_.names
+        for _ in range(steps):
+            item = next(it, None)
+            own = {k: item[2][k].cpu() for k in names} if item is not None else None
+            parts = dist.all_gather_objects(own)
+            union = GradientSet(
+                {k: torch.cat([q[k] for q in parts if q is not None]).to(self.device_) for k in names}, validate=False
+            )
+            tside = self._test_side(union)  # collective: every rank, every step
+            if item is None:
+                continue
+            s, e, ch = item
+            off = sum(q[names[0]].shape[0] for q in parts[: dist.rank()] if q is not None)
+            acc = None
+            for k, t in tside.items():
+                v = (t[off : off + e - s] * self._train_side(k, ch[k])).sum(1)
+                acc = v if acc is None else acc + v
+            out[s - a : e - a] = -acc
+        next(it, None)
+        return out
 
     def _self_chunk(self, ch: GradientSet) -> torch.Tensor:
         """−Σ_l a_l(g_i)ᵀ b_l(g_i) for the rows of a chunk: (c,)."""

@@ -84,6 +84,7 @@ class LiSSA(Estimator):
     """
 
     name = "lissa"
+    test_side_collective = True
     Options = LiSSAOptions
 
     def _fit(self) -> None:

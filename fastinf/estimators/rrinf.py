@@ -321,7 +321,7 @@ class RRInf(Estimator):
         """Ω_ii with each training gradient as its own test (tests processed in chunks, one pass)."""
         train = self._check_fitted()
         out = []
-        step = self._test_chunks(train.n)
+        step = min(self._test_chunks(train.n), self._chunk(1))  # tests = training rows read: both bounds
         for s, e, ch in self._pass(step):
             om = self._omega(ch)  # (n, c)
             out.append(om[torch.arange(s, e, device=om.device), torch.arange(e - s, device=om.device)])
