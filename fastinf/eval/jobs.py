@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import barrier, is_main
 from ..estimators import available_methods, get_estimator, method_info
 from ..gradients import GradientStore, LoRAGradientCollector, check_same_model
 from ..ops import backends as ops_backends
@@ -238,7 +239,9 @@ def score_stores(
 
     Output (by ``out``'s suffix): ``.safetensors`` with ``scores`` (m, n) — or (n,) with
     ``reduce="mean"`` — or, with ``topk``, ``values`` and ``indices`` (m, k) (never forming (m, n));
-    ``.csv`` writes the scores (or the values, plus ``<out>.indices.csv``). Positive = harmful.
+    ``.csv`` writes the scores (or the values, plus ``<out>.indices.csv``). Positive = harmful. Under
+    torch.distributed (torchrun) each rank scores its share of the training rows; the merged result is
+    written by rank 0.
     Returns ``{"method", "files", "shapes", "description"}``. The stores must come from the same
     model and adapter and be complete, unless ``allow_mismatch`` / ``allow_incomplete``.
 
@@ -269,13 +272,17 @@ def score_stores(
         kind = "most helpful" if smallest else "most harmful"
         description = f"per test example (rows), the {topk} {kind} training examples: values and indices"
     else:
-        tensors = {"scores": est.score(test_store, reduce=reduce).float().contiguous()}
+        tensors = {"scores": est.score(test_store, reduce=reduce, gather=True).float().contiguous()}
         description = (
             "influence of each training example on the mean test loss (n,)"
             if reduce == "mean"
             else "rows = test examples, columns = training examples"
         )
     files = [out]
+    if not is_main():  # under torchrun: every rank scored its rows; the merged result is written once
+        barrier()
+        return {"method": method, "files": [], "shapes": {k: tuple(v.shape) for k, v in tensors.items()},
+                "description": description}  # fmt: skip
     if out.suffix == ".csv":
         import numpy as np
 
@@ -289,6 +296,7 @@ def score_stores(
 
         meta = {"method": method, "sign": "positive = harmful", "reduce": str(reduce), "description": description}
         atomic_write(out, save(tensors, metadata=meta))
+    barrier()
     return {
         "method": method,
         "files": [str(f) for f in files],
