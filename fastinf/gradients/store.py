@@ -1,38 +1,68 @@
 """``GradientStore``: an on-disk GradientSet — a directory of safetensors shards + a JSON manifest.
 
-Layout::
+Layout (format 3)::
 
     store/
-      manifest.json           format, fastinf version, capture fingerprint (model class, adapter
-                              config, adapter weights' SHA-256, block names and dims, dtype, projection
-                              and seed), n, complete, and one entry per shard
-                              {file, n, bytes, sha256, data_sha256}
-      shard-00000.safetensors one tensor per block, (n_shard, d_l)
+      manifest.json            format, format_version, fastinf_version, fingerprint (model class,
+                               adapter config, adapter weights' SHA-256, loss, block names and dims,
+                               gradient dtype, projection and seed, and store_dtype when it differs
+                               from the gradient dtype), blocks, dtype (the storage dtype),
+                               shard_bytes, n, complete, and one entry per shard, in row order:
+                               {file, n, bytes, sha256, batches: [{n, data_sha256}, ...]}
+      shard-00000.safetensors  one tensor per block, (n_shard, d_l) in the storage dtype; header
+                               metadata "fastinf-gradient-store/<index>/<fingerprint id>"
       ...
+      shard-r1of2-00000.safetensors, part-r1of2.json
+                               a distributed capture's rank 1 of 2, until rank 0 merges the parts into
+                               manifest.json (the rank shards stay, listed there; the parts go)
+
+Shards are sized in bytes: :meth:`GradientStore.append` buffers batches and writes a shard once the
+buffer holds ``shard_bytes`` (default 256 MiB), so 10⁶ examples make ~64 files of 256 MiB in bf16 at
+D = 8192, not one file per batch. Each shard lists the batches it holds (rows and :func:`batch_digest`
+each), so a capture can still be checked batch by batch.
 
 Writes are atomic: a shard is written to a temporary file, fsynced and renamed; then the manifest is
-rewritten the same way. A capture killed at any point leaves at most an orphan temporary file or an
-unlisted shard, both ignored and overwritten on resume, so resuming yields a store bit-identical to
-an uninterrupted run. No pickle anywhere.
+rewritten the same way (once per shard, never per append). A capture killed at any point loses at most
+the buffered batches and leaves at most an orphan temporary file or an unlisted shard, both ignored
+and overwritten on resume, which recomputes from the first batch not in a complete shard; shard
+boundaries depend only on the batches and ``shard_bytes``, so the resumed store is bit-identical to an
+uninterrupted run. An ``OSError`` while writing (a full disk) raises a :class:`StoreError` naming the
+shard and the OS error; the manifest still lists only complete shards, and a re-run resumes. No
+pickle anywhere.
+
+Distributed capture (inside an initialised ``torch.distributed`` process group,
+``collector.collect(loader, store=path)`` on every rank): rank r captures the r-th contiguous range of
+the batches (:func:`fastinf.distributed.split_range`) into its own shards and part record; after all
+ranks finish, rank 0 appends the parts' shard entries in batch order to ``manifest.json`` (one atomic
+write), so the finished store equals a one-process capture: same examples in the same order, each row
+the same bytes (only the shard boundaries differ). A killed rank's part resumes when every rank is
+re-run with the same world size.
 
 A store knows what it holds, and refuses to stand for anything else:
 
-* its **model**: a store whose fingerprint differs from the capture's refuses to mix unless
-  ``overwrite=True``; :func:`check_same_model` refuses a train/test pair captured from different
-  models or adapters (estimators call it on the stores they are given);
-* its **data**: every shard records ``data_sha256``, the :func:`batch_digest` of the batch it was
-  computed from (every tensor of the batch, with its key, dtype and shape). Re-running a capture
-  (to resume it, or on a complete store) recomputes the digests — no forward pass — and refuses
-  other data, fewer or more rows, unless ``overwrite=True``; identical data reuses the shards;
+* its **model**: a store whose fingerprint differs from the capture's (another adapter, projection
+  seed, storage dtype, ...) refuses to mix unless ``overwrite=True``, naming the differing keys;
+  :func:`check_same_model` refuses a train/test pair captured from different models or adapters
+  (estimators call it on the stores they are given); the ranks of a distributed capture must agree;
+* its **data**: every batch's :func:`batch_digest` (every tensor of the batch, with its key, dtype and
+  shape) and rows are recorded. Re-running a capture (to resume it, or on a complete store)
+  recomputes the digests — no forward pass — and refuses other data, fewer or more rows, unless
+  ``overwrite=True``; identical data reuses the shards;
 * its **completeness**: :meth:`GradientStore.open` refuses an interrupted capture unless
   ``allow_incomplete=True``;
-* its **integrity**: every shard's size and SHA-256 are checked on first read (a truncated or
-  corrupted shard raises an error naming it); re-running the capture checks every shard and
-  recomputes and rewrites the damaged ones, with a logged warning naming them.
+* its **integrity**: every shard's size and SHA-256 are checked on first read (a missing, truncated,
+  corrupted or foreign shard — one copied from a store of another capture — raises an error naming
+  it; ``open(..., checksums=False)`` checks existence and size only); re-running the capture checks
+  every shard and recomputes and rewrites the damaged ones from their batches, with a logged warning
+  naming them.
 
-``GradientStore.open(path)`` is a :class:`GradientSet` whose blocks are read lazily from the shards
-(one block at a time, kept in a small cache), so estimators that work block by block never hold
-more than one block of the training gradients in memory.
+Reading and memory: ``GradientStore.open(path)`` is a :class:`GradientSet` whose rows stream.
+:meth:`GradientStore.iter_chunks` ``(size, start=, stop=)`` reads rows ``[a, b)`` of every block
+together from the shards that overlap them only (each opened once per chunk): memory O(size · D),
+never a whole ``(n, d_l)`` block. ``store[name]`` still reads one whole block (kept in a two-block
+cache) for code that works block by block; :meth:`~GradientStore.load` reads everything. Capture holds
+at most ``shard_bytes`` of buffered rows plus one batch, and about as much again while a shard is
+serialised.
 """
 
 from __future__ import annotations
@@ -242,6 +272,7 @@ class GradientStore(GradientSet):
         "shard_bytes",
         "_dims",
         "_verified",
+        "_checksums",
         "_view",
         "_starts",
         "_buf",
@@ -267,6 +298,7 @@ class GradientStore(GradientSet):
         self.shard_bytes = int(shard_bytes or manifest.get("shard_bytes") or DEFAULT_SHARD_BYTES)
         self._dims: dict[str, int] = dict(manifest["blocks"])
         self._verified: set[str] = set()
+        self._checksums = True
         self._view = (dtype, device)
         self._starts: list[int] | None = None
         self._buf: list[tuple[dict[str, torch.Tensor], int, str | None]] = []
@@ -400,7 +432,7 @@ class GradientStore(GradientSet):
         return cls.create(path, fp, store_dtype=store_dtype, shard_bytes=shard_bytes)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, allow_incomplete: bool = False) -> GradientStore:
+    def open(cls, path: str | os.PathLike, *, allow_incomplete: bool = False, checksums: bool = True) -> GradientStore:
         """Open an existing store for reading (lazily).
 
         Args:
@@ -408,6 +440,10 @@ class GradientStore(GradientSet):
             allow_incomplete: also open a store whose capture was interrupted (it holds only the
                 rows of the shards written so far; a distributed capture's rows appear when its
                 ranks' records are merged, at the end).
+            checksums: check every shard's SHA-256 on its first read (one extra pass over the shard,
+                about 1 GB/s per core). ``False`` checks only that each shard exists and has its
+                recorded size (a truncated or swapped file is still caught; a bit flip is not), for
+                streaming passes where hashing would dominate; :meth:`verify` always hashes.
 
         Raises:
             StoreError: not a store (no or invalid manifest, newer format); the capture did not finish
@@ -423,7 +459,9 @@ class GradientStore(GradientSet):
             )
         if not manifest["shards"]:
             raise StoreError(f"{path}: the store holds no examples yet")
-        return cls(path, manifest)
+        st = cls(path, manifest)
+        st._checksums = bool(checksums)
+        return st
 
     @staticmethod
     def _read_manifest(path: Path, name: str = MANIFEST) -> dict:
@@ -820,6 +858,17 @@ class GradientStore(GradientSet):
         p = self._shard_path(entry)
         if entry["file"] in self._verified:
             return p
+        if not self._checksums:
+            if not p.exists():
+                raise StoreError(f"{p}: shard listed in the manifest is missing")
+            size = p.stat().st_size
+            if size != entry["bytes"]:
+                problem = (
+                    self._foreign(p)
+                    or f"shard is truncated or was modified ({size} bytes, manifest says {entry['bytes']})"
+                )
+                raise StoreError(f"{p}: {problem}")
+            return p  # not marked verified: verify() still hashes it
         problem = self._shard_problem(entry)
         if problem is not None:
             raise StoreError(f"{p}: {problem}")
@@ -827,9 +876,17 @@ class GradientStore(GradientSet):
         return p
 
     def verify(self) -> None:
-        """Check every shard's size and SHA-256 (raises :class:`StoreError` naming the bad shard)."""
+        """Check every shard's size and SHA-256 (also when opened with ``checksums=False``).
+
+        Raises:
+            StoreError: a shard is missing, truncated, corrupted or foreign (names the shard).
+        """
         for e in self.manifest["shards"]:
-            self._check_shard(e)
+            if e["file"] not in self._verified:
+                problem = self._shard_problem(e)
+                if problem is not None:
+                    raise StoreError(f"{self._shard_path(e)}: {problem}")
+                self._verified.add(e["file"])
 
     def _read_block(self, name: str, shards: list[dict] | None = None) -> torch.Tensor:
         from safetensors import safe_open
@@ -876,7 +933,9 @@ class GradientStore(GradientSet):
         """A lazy view converting blocks to ``device``/``dtype`` as they are read."""
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"GradientStore.to: dtype must be floating, got {dtype}")
-        return GradientStore(self.path, self.manifest, dtype=dtype or self._view[0], device=device or self._view[1])
+        view = GradientStore(self.path, self.manifest, dtype=dtype or self._view[0], device=device or self._view[1])
+        view._verified, view._checksums = self._verified, self._checksums  # shards checked once for all views
+        return view
 
     def subset(self, index) -> GradientSet:
         """Rows selected by ``index``, read from the shards that hold them (in memory)."""

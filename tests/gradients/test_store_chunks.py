@@ -77,3 +77,20 @@ def test_chunks_open_only_overlapping_shards_once(tmp_path, monkeypatch):
     assert [o for o, _ in chunks] == [5, 8]
     assert opened == ["shard-00001.safetensors", "shard-00002.safetensors"]
     assert store_mod  # the module is importable on its own
+
+
+def test_checksums_off_still_catches_missing_and_truncated_shards(tmp_path):
+    st, mem = _store(tmp_path / "s", [4, 4])
+    f = tmp_path / "s" / "shard-00001.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF  # a bit flip: only the SHA-256 sees it
+    f.write_bytes(bytes(data))
+    fast = GradientStore.open(tmp_path / "s", checksums=False)
+    assert [c.n for _, c in fast.iter_chunks(3)] == [3, 3, 2]
+    with pytest.raises(Exception, match=r"shard-00001.*checksum"):
+        fast.verify()
+    with pytest.raises(Exception, match=r"shard-00001.*checksum"):
+        list(GradientStore.open(tmp_path / "s").to(dtype=torch.float64).iter_chunks(3))
+    f.write_bytes(bytes(data[:-8]))
+    with pytest.raises(Exception, match=r"shard-00001.*truncated"):
+        list(GradientStore.open(tmp_path / "s", checksums=False).iter_chunks(3))
