@@ -527,13 +527,8 @@ class GradientStore(GradientSet):
         shards = self.manifest["shards"]
         idx = len(shards)
         fname = f"{self._prefix}{idx:05d}.safetensors"
-        names = list(self._dims)
-        tensors = {
-            k: torch.cat([b[0][k] for b in self._buf]) if len(self._buf) > 1 else self._buf[0][0][k] for k in names
-        }
         n_new = sum(b[1] for b in self._buf)
-        data = self._serialise(tensors, idx)
-        del tensors
+        data = self._serialise({k: [b[0][k] for b in self._buf] for k in self._dims}, idx)  # no concatenated copy
         try:
             atomic_write(self.path / fname, data, durable=True)
         except OSError as e:
@@ -571,7 +566,7 @@ class GradientStore(GradientSet):
         tensors, n_new = self._prepare(blocks, row0)
         if n_new != e["n"]:  # pragma: no cover - fill() checked the batches' rows against the shard's
             raise StoreError(f"{self.path}: recomputed {n_new} rows for shard {idx}, which holds {e['n']}")
-        data = self._serialise(tensors, idx)
+        data = self._serialise({k: [t] for k, t in tensors.items()}, idx)
         try:
             atomic_write(self.path / e["file"], data, durable=True)
         except OSError as ex:
@@ -613,13 +608,34 @@ class GradientStore(GradientSet):
             tensors[name] = c
         return tensors, int(n_new or 0)
 
-    def _serialise(self, tensors: Mapping[str, torch.Tensor], idx: int) -> bytes:
-        from safetensors.torch import save
-
-        # one metadata key (safetensors orders several at random): the format, the shard's index and the
-        # capture's fingerprint id (so a shard copied in from another store is recognised)
+    def _serialise(self, pieces: Mapping[str, list[torch.Tensor]], idx: int) -> bytearray:
+        """One shard's safetensors bytes from each block's row pieces (CPU, contiguous, storage dtype),
+        written straight into one buffer (no concatenated copy of the rows). The header holds one
+        metadata key (the format, the shard's index and the capture's fingerprint id, so a shard copied
+        in from another store is recognised); tensors are laid out in name order: deterministic bytes."""
         meta = {"format": f"{FORMAT}/{idx}/{_fingerprint_id(self.manifest.get('fingerprint') or {})}"}
-        return save(dict(tensors), metadata=meta)
+        header: dict[str, Any] = {"__metadata__": meta}
+        names = sorted(pieces)
+        off = 0
+        for k in names:
+            ts = pieces[k]
+            rows, width = sum(t.shape[0] for t in ts), ts[0].shape[1]
+            nbytes = rows * width * ts[0].element_size()
+            header[k] = {"dtype": _ST_DTYPE[ts[0].dtype], "shape": [rows, width], "data_offsets": [off, off + nbytes]}
+            off += nbytes
+        h = json.dumps(header, separators=(",", ":")).encode()
+        h += b" " * (-len(h) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        out = bytearray(8 + len(h) + off)
+        out[:8] = len(h).to_bytes(8, "little")
+        out[8 : 8 + len(h)] = h
+        pos, mv = 8 + len(h), memoryview(out)
+        for k in names:
+            for t in pieces[k]:
+                if t.numel():
+                    b = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+                    mv[pos : pos + b.size] = b
+                    pos += b.size
+        return out
 
     def _write_manifest(self) -> None:
         self.manifest["format_version"] = max(int(self.manifest.get("format_version", 1)), FORMAT_VERSION)
@@ -1016,6 +1032,7 @@ class GradientStore(GradientSet):
 
 
 DEFAULT_SHARD_BYTES = 256 << 20
+_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 STORE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
