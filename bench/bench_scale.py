@@ -110,14 +110,31 @@ class Spec:
         return {k: x[:, i * self.width : (i + 1) * self.width] for i, k in enumerate(self.names)}
 
 
-def write_store(path: Path, spec: Spec, n: int, append_rows: int) -> fastinf.GradientStore:
-    """Write n training rows through the public store API, one append of ``append_rows`` rows at a time."""
-    store = fastinf.GradientStore.create(path, spec.fingerprint(), overwrite=True)
+def write_store(path: Path, spec: Spec, n: int, append_rows: int, shard_bytes: int | None = None) -> float:
+    """Write n training rows through the public store API, one append of ``append_rows`` rows at a time
+    (the store cuts shards of ``shard_bytes``; None: its default). Returns the seconds spent generating
+    the synthetic rows (not the store's work)."""
+    kw = {} if shard_bytes is None else {"shard_bytes": shard_bytes}
+    store = fastinf.GradientStore.create(path, spec.fingerprint(), overwrite=True, **kw)
+    gen = 0.0
     for s in range(0, n, append_rows):
         e = min(s + append_rows, n)
-        store.append(spec.split(spec.train_rows(s, e)))
+        t0 = time.perf_counter()
+        blocks = spec.split(spec.train_rows(s, e))
+        gen += time.perf_counter() - t0
+        store.append(blocks)
+        del blocks
     store.mark_complete()
-    return fastinf.GradientStore.open(path)
+    return gen
+
+
+def open_store(path: Path, checksums: bool = False) -> fastinf.GradientStore:
+    """A fresh read-only view of the store (``checksums=False``: existence and size checked on read, the
+    SHA-256 is timed separately as ``verify``)."""
+    try:
+        return fastinf.GradientStore.open(path, checksums=checksums)
+    except TypeError:  # a store without the option
+        return fastinf.GradientStore.open(path)
 
 
 def store_files(path: Path) -> list[Path]:
@@ -180,9 +197,12 @@ def passes_of(est) -> int | None:
 
 
 def run_method(store, test, method: str, what: str, k: int, exact_global: bool = False) -> dict:
-    """One timed ``fit(store)`` + ``topk(test, k)`` (what="topk") or ``self_influence()`` (what="self"),
+    """One timed ``fit(store)`` (``store``: a GradientStore, or its path: opened without checksums) +
+    ``topk(test, k)`` (what="topk") or ``self_influence()`` (what="self"),
     under one PeakMemory probe; the result, the fit/second-step split and the estimator's passes_."""
     est = make_estimator(method, exact_global)
+    if not isinstance(store, fastinf.GradientStore):
+        store = open_store(store)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         est.fit(store)
@@ -241,9 +261,8 @@ def dist_worker(cfg: dict) -> int:
     fd.init_from_env("gloo")
     spec = Spec(*cfg["spec"])
     test = spec.test_set(cfg["m"])
-    store = fastinf.GradientStore.open(cfg["store"])
     fd.barrier()
-    r = run_method(store, test, cfg["method"], "topk", cfg["k"])
+    r = run_method(Path(cfg["store"]), test, cfg["method"], "topk", cfg["k"])
     fd.barrier()
     per_rank = fd.all_gather_objects({"time": r["time"], "fit": r["fit"], "peak_mb": r["peak_mb"]})
     if fd.is_main():
@@ -308,11 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--m", type=int, default=None, help="test rows (default 1000; --quick 100)")
     ap.add_argument("--k", type=int, default=100, help="top-k per test row (default 100)")
-    ap.add_argument("--blocks", type=int, default=64, help="LoRA-like blocks (default 64)")
+    ap.add_argument("--blocks", type=int, default=None, help="LoRA-like blocks (default 64; --quick 16)")
     ap.add_argument("--width", type=int, default=128, help="width of every block (default 128: D = 8192)")
     ap.add_argument("--rank", type=int, default=16, help="rank of the shared latent (default 16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--append-mib", type=float, default=256.0, help="bytes per append() in bfloat16 (default 256 MiB)")
+    ap.add_argument("--shard-mib", type=float, default=None, help="the store's shard_bytes in MiB (default: its own)")
     ap.add_argument(
         "--methods", default=",".join(TOPK_METHODS), help=f"top-k methods (default {','.join(TOPK_METHODS)})"
     )
@@ -322,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exact with one global d-space solve (D×D; O(n·D²): ~1 h at the default shape on one core) "
         "instead of one per block",
+    )
+    ap.add_argument(
+        "--extra-m",
+        default=None,
+        help="also run --dist-method's top-k at the largest n with these test-row counts "
+        "(comma-separated; default: 1000 when --m is below it, none with --quick)",
     )
     ap.add_argument("--dist-procs", type=int, default=2, help="processes of the torch.distributed run (0: skip it)")
     ap.add_argument("--dist-method", default="hessian_free", help="method of the 1-vs-P comparison (top-k)")
@@ -345,6 +371,10 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
         return a
     a.n = a.n or (10**5 if a.quick else 10**6)
     a.m = a.m or (100 if a.quick else 1000)
+    a.blocks = a.blocks or (16 if a.quick else 64)
+    if a.extra_m is None:
+        a.extra_m = "" if a.quick or a.m >= 1000 else "1000"
+    a.extra_m = [int(x) for x in a.extra_m.split(",") if x.strip() and int(x) != a.m]
     if a.scaling:
         a.scaling = sorted({int(float(x)) for x in a.scaling.split(",") if x.strip()})
     else:
@@ -384,6 +414,7 @@ def run(a: argparse.Namespace) -> int:
     bu.set_torch_threads()
     spec = Spec(a.blocks, a.width, a.rank, a.seed)
     append_rows = max(1, int(a.append_mib * 2**20) // (spec.D * 2))
+    shard_bytes = int(a.shard_mib * 2**20) if a.shard_mib else None
     rows = bu.RowBuilder(
         printer=bu.LinePrinter(
             [
@@ -409,14 +440,16 @@ def run(a: argparse.Namespace) -> int:
         flush=True,
     )
     single: dict = {}
+    floors: dict[int, float] = {}
     try:
         for n in a.scaling:
             path = scratch / f"store-n{n}"
             shape = f"n={n} m={a.m} {spec.shape()}"
             with PeakMemory() as mem:
                 t0 = time.perf_counter()
-                store = write_store(path, spec, n, append_rows)
-                t_write = time.perf_counter() - t0
+                t_gen = write_store(path, spec, n, append_rows, shard_bytes)
+                t_total = time.perf_counter() - t0
+            t_write = t_total - t_gen  # the store's own work: append (checks, bf16 cast, buffer) + shard writes
             nbytes = sum(p.stat().st_size for p in store_files(path))
             cache = page_cache_note(nbytes)
             dropped = drop and drop_cache(path)
@@ -435,7 +468,8 @@ def run(a: argparse.Namespace) -> int:
                 throughput=n / t_write,
                 unit="rows/s",
                 gbytes=nbytes / 1e9,
-                note=f"{len(store_files(path))} shard files, {nbytes / GIB:.2f} GiB; appends of {append_rows} rows",
+                note=f"{len(store_files(path))} shard files, {nbytes / GIB:.2f} GiB; appends of {append_rows} rows; "
+                f"time excludes generating the synthetic rows ({t_gen:.3g} s; {t_total:.3g} s in all), peak not",
             )
             points.append({"label": "write store", "n": n, "time": t_write, "peak_mb": mem.mb})
             # the I/O floor, measured like the methods (cold), and warm for reference
@@ -465,11 +499,35 @@ def run(a: argparse.Namespace) -> int:
                 f"{warm:.3g} s = {got / warm / 1e9:.2f} GB/s; {cache_note}",
             )
             points.append({"label": "I/O floor (cold read)", "n": n, "time": floor, "peak_mb": mem.mb})
+            floors[n] = floor
+            if drop:
+                drop_cache(path)
+            with PeakMemory() as mem:
+                t0 = time.perf_counter()
+                open_store(path, checksums=True).verify()
+                t_ver = time.perf_counter() - t0
+            rows.add(
+                op="verify (SHA-256)",
+                backend="fastinf",
+                method="GradientStore.verify",
+                shape=shape,
+                dtype="bfloat16",
+                median_s=t_ver,
+                p20_s=t_ver,
+                p80_s=t_ver,
+                peak_mem_mb=mem.mb,
+                baseline="io_floor",
+                baseline_median_s=floor,
+                speedup=floor / t_ver,
+                gbps=nbytes / t_ver / 1e9,
+                note=f"ratio to I/O floor {t_ver / floor:.2f}×; what open(checksums=True) adds to the first pass "
+                "(the methods below open the store with checksums=False: existence and size only)",
+            )
             jobs = [(x, "topk") for x in a.methods] + [(x, "self") for x in a.self_methods]
             for method, what in jobs:
                 if drop:
                     drop_cache(path)
-                r = run_method(store, test, method, what, a.k, a.exact_global)
+                r = run_method(path, test, method, what, a.k, a.exact_global)
                 op = f"fit+topk(k={a.k})" if what == "topk" else "fit+self_influence"
                 ratio = r["time"] / floor
                 p = r["passes"]
@@ -535,6 +593,38 @@ def run(a: argparse.Namespace) -> int:
                 )
             if n != a.n and not a.keep_stores:
                 shutil.rmtree(path, ignore_errors=True)
+        # the top-k cost in m: the same call with other test-row counts at the largest n
+        for m2 in a.extra_m:
+            path = scratch / f"store-n{a.n}"
+            if drop:
+                drop_cache(path)
+            r = run_method(path, spec.test_set(m2), a.dist_method, "topk", a.k)
+            p = r["passes"]
+            floor = floors[a.n]
+            rows.add(
+                op=f"fit+topk(k={a.k})",
+                backend="fastinf",
+                method=a.dist_method,
+                shape=f"n={a.n} m={m2} {spec.shape()}",
+                dtype="bfloat16 store, float32+ compute",
+                median_s=r["time"],
+                p20_s=r["time"],
+                p80_s=r["time"],
+                peak_mem_mb=r["peak_mb"],
+                baseline="io_floor",
+                baseline_median_s=floor,
+                speedup=floor / r["time"],
+                roofline_s=floor * (p or 1),
+                frac_roofline=floor * (p or 1) / r["time"],
+                throughput=a.n / r["time"],
+                unit="rows/s",
+                note=f"ratio to I/O floor {r['time'] / floor:.2f}× (passes_={p}); m = {m2} test rows instead of "
+                f"{a.m}: the GEMM work grows with m, the bytes read do not; 1 run",
+            )
+            summary.append(
+                f"{a.dist_method:16s} fit+topk m={m2:<6d}      {r['time']:9.2f} s  {r['time'] / floor:7.2f}× floor  "
+                f"passes={p}  peak {r['peak_mb'] / 1024:.2f} GiB"
+            )
         # 1 vs P processes on the largest store
         if a.dist_procs > 1:
             path = scratch / f"store-n{a.n}"
@@ -542,7 +632,7 @@ def run(a: argparse.Namespace) -> int:
             if one is None:
                 if drop:
                     drop_cache(path)
-                one = run_method(fastinf.GradientStore.open(path), test, a.dist_method, "topk", a.k)
+                one = run_method(path, test, a.dist_method, "topk", a.k)
             if drop:
                 drop_cache(path)
             d = run_distributed(path, spec, a.m, a.k, a.dist_method, a.dist_procs, scratch)
