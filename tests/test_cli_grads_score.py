@@ -159,3 +159,40 @@ def test_grads_from_a_local_model_directory(tmp_path, kind):
         assert p.returncode == 1 and "0..2" in p.stderr and not (tmp_path / "st2").exists(), p.stderr
     p = cli("grads", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "st3"))
     assert p.returncode == 1 and "local Hugging Face model directory" in p.stderr
+
+
+def torchrun(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastinf.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def test_grads_and_score_under_torchrun_equal_one_process(tmp_path):
+    """issue 9 §2: `torchrun --nproc_per_node=2 -m fastinf.cli grads|score` (gloo) gives the one-process store
+    and the same scores / top-k; only rank 0 prints and writes."""
+    from safetensors.torch import load_file
+
+    model_dir = _save_tiny(tmp_path / "model", "causal_lm")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"sample {i} " + "word " * (i % 5)}) for i in range(11)))
+    common = ["--model", str(model_dir), "--data", str(data), "--batch-size", "2", "--no-progress"]
+    one = cli("grads", *common, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun("grads", *common, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("examples ×") == 1  # rank 0 prints
+    a, b = fastinf.GradientStore.open(tmp_path / "one"), fastinf.GradientStore.open(tmp_path / "two")
+    assert a.n == b.n == 11 and a.names == b.names
+    for name in a.names:
+        assert torch.equal(a[name], b[name]), name  # same examples, same order, same bits
+    for extra, key in ((["--topk", "3"], "indices"), ([], "scores")):
+        s1 = cli("score", "--train", str(tmp_path / "one"), "--test", str(tmp_path / "one"), "--method",
+                 "hessian_free", *extra, "--out", str(tmp_path / "s1.safetensors"))  # fmt: skip
+        s2 = torchrun("score", "--train", str(tmp_path / "two"), "--test", str(tmp_path / "two"), "--method",
+                      "hessian_free", *extra, "--out", str(tmp_path / "s2.safetensors"))  # fmt: skip
+        assert s1.returncode == 0 and s2.returncode == 0, s2.stderr[-3000:]
+        r1, r2 = load_file(str(tmp_path / "s1.safetensors")), load_file(str(tmp_path / "s2.safetensors"))
+        if key == "indices":
+            assert torch.equal(r1["indices"], r2["indices"])
+            torch.testing.assert_close(r1["values"], r2["values"], rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(r1["scores"], r2["scores"], rtol=1e-5, atol=1e-6)
