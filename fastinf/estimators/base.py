@@ -555,7 +555,7 @@ class Estimator(BaseEstimator):
         self._stats["passes"] += 1
         track = track and self._sq_sums is None
         names = self.train_.names
-        acc = torch.zeros(len(names), dtype=torch.float64)
+        acc = torch.zeros(len(names), dtype=torch.float64, device=self.device_)  # on the device: no sync per chunk
         for s, part in _iter_rows(self.train_, chunk, a, b):
             e = s + part.n
             self._stats["rows"] += e - s
@@ -564,11 +564,11 @@ class Estimator(BaseEstimator):
                 part = GradientSet({k: part[k] * self._row_scale[k] for k in names}, validate=False)
             if track:
                 for i, k in enumerate(names):
-                    acc[i] += float(torch.linalg.vector_norm(part[k], dim=1).double().square().sum())
+                    acc[i] += torch.linalg.vector_norm(part[k], dim=1).double().square().sum()
             yield s, e, part
         if track and self._sq_sums is None and (a, b) == self.rows_:
             acc = dist.all_reduce_sum(acc) if self.distributed_ else acc
-            self._sq_sums = {k: float(acc[i]) for i, k in enumerate(names)}
+            self._sq_sums = dict(zip(names, acc.tolist(), strict=True))
 
     def block_sq_sums(self) -> dict[str, float]:
         """Σ_i ‖g_il‖² per block over all n training examples (float64, all ranks summed): what
