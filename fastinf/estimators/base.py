@@ -13,7 +13,9 @@ Every estimator derives from :class:`BaseEstimator`, which holds the facts the r
   with a "test side" a_l (a preconditioner applied to the test vectors, e.g. DataInf's h_l or LiSSA's
   recursion) and a "train side" b_l (the training gradients, or training gradients preconditioned at
   fit time). ``score`` and ``topk`` are built on those two sides: ``topk`` walks over chunks of
-  training examples and never forms the (m, n) matrix.
+  training examples and never forms the (m, n) matrix. Every pass over the training gradients reads
+  row chunks (``iter_chunks``), from memory or from a :class:`GradientStore` alike, counts itself in
+  ``passes_``, and under torch.distributed covers only this rank's rows (see :class:`Estimator`).
 * :class:`TraceEstimator` — zeroth-order methods on loss traces (METHODS.md §7–8), input ``LossTrace``.
 """
 
