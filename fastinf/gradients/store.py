@@ -72,6 +72,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections import OrderedDict
@@ -594,12 +595,12 @@ class GradientStore(GradientSet):
                 n_new = t.shape[0]
             elif t.shape[0] != n_new:
                 raise ValueError("append: blocks have different numbers of examples")
-            bad = _first_bad_example(t)
+            bad = _bad_row(t)
             if bad is not None:
                 raise ValueError(f"block {name!r}: non-finite gradient for example {row0 + bad} of the capture")
             c = t.detach().to(device="cpu", dtype=dtype).contiguous()
             if c.dtype != t.dtype:
-                bad = _first_bad_example(c)
+                bad = _bad_row(c)
                 if bad is not None:
                     raise ValueError(
                         f"block {name!r}: example {row0 + bad} of the capture overflows the storage dtype {dtype} "
@@ -1069,6 +1070,14 @@ def _new_manifest(fp: dict, shard_bytes: int) -> dict:
         "complete": False,
         "shards": [],
     }
+
+
+def _bad_row(t: torch.Tensor) -> int | None:
+    """The first row of ``t`` holding NaN/inf, or None: one reduction when all is finite (a sum in
+    float32 is finite then, unless it overflows: only then are the rows checked one by one)."""
+    if t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float32))):
+        return None
+    return _first_bad_example(t)
 
 
 def _entry_batches(e: Mapping) -> list[dict]:
