@@ -558,10 +558,11 @@ class Estimator(BaseEstimator):
         track = track and self._sq_sums is None
         names = self.train_.names
         acc = torch.zeros(len(names), dtype=torch.float64, device=self.device_)  # on the device: no sync per chunk
+        bufs: dict[str, torch.Tensor] = {}  # conversion buffers, reused chunk after chunk (no allocation churn)
         for s, part in _iter_rows(self.train_, chunk, a, b):
             e = s + part.n
             self._stats["rows"] += e - s
-            part = part.to(device=self.device_, dtype=self.compute_dtype_)
+            part = self._converted(part, bufs)
             if self._row_scale is not None:
                 part = GradientSet({k: part[k] * self._row_scale[k] for k in names}, validate=False)
             if track:
@@ -571,6 +572,22 @@ class Estimator(BaseEstimator):
         if track and self._sq_sums is None and (a, b) == self.rows_:
             acc = dist.all_reduce_sum(acc) if self.distributed_ else acc
             self._sq_sums = dict(zip(names, acc.tolist(), strict=True))
+
+    def _converted(self, part: GradientSet, bufs: dict[str, torch.Tensor]) -> GradientSet:
+        """A chunk in the compute dtype and device: the chunk itself when it already is, else copied into
+        ``bufs`` (one buffer per block, valid until the next chunk of the same pass)."""
+        dt, dev = self.compute_dtype_, self.device_
+        out = {}
+        for k in part.names:
+            x = part[k]
+            if x.dtype == dt and x.device == dev:
+                out[k] = x
+                continue
+            buf = bufs.get(k)
+            if buf is None or buf.shape[0] < x.shape[0]:
+                buf = bufs[k] = torch.empty(x.shape, dtype=dt, device=dev)
+            out[k] = buf[: x.shape[0]].copy_(x)
+        return GradientSet(out, validate=False)
 
     def block_sq_sums(self) -> dict[str, float]:
         """Σ_i ‖g_il‖² per block over all n training examples (float64, all ranks summed): what

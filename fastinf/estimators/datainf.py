@@ -123,12 +123,18 @@ class DataInf(Estimator):
             return out
         # one pass: per chunk, the norms, g_iᵀt and the rank-one accumulation of every group
         S = {k: torch.zeros_like(test[k]) for k in test.names}
-        for _, _, ch in self._pass(self._chunk(test.n)):
+        chunk = self._chunk(test.n)
+        pbuf = torch.empty(test.n * chunk, dtype=self.compute_dtype_, device=self.device_)  # reused: no churn
+        for _, _, ch in self._pass(chunk):
+            c = ch.n
             for g in self.groups_:
                 lam = self.lam_[tuple(g)]
-                sqn = sum(torch.linalg.vector_norm(ch[k], dim=1).square() for k in g)  # (c,)
-                P = sum(test[k] @ ch[k].T for k in g)  # (m, c)
-                C = P.div_(lam + sqn)
+                sqn = torch.linalg.vector_norm(ch[g[0]], dim=1).square_()  # (c,)
+                P = torch.mm(test[g[0]], ch[g[0]].T, out=pbuf[: test.n * c].view(test.n, c))  # (m, c)
+                for k in g[1:]:
+                    sqn += torch.linalg.vector_norm(ch[k], dim=1).square_()
+                    P.addmm_(test[k], ch[k].T)
+                C = P.div_(sqn.add_(lam))
                 for k in g:
                     S[k].addmm_(C, ch[k])
         for g in self.groups_:
