@@ -15,7 +15,8 @@ Every estimator derives from :class:`BaseEstimator`, which holds the facts the r
   fit time). ``score`` and ``topk`` are built on those two sides: ``topk`` walks over chunks of
   training examples and never forms the (m, n) matrix. Every pass over the training gradients reads
   row chunks (``iter_chunks``), from memory or from a :class:`GradientStore` alike, counts itself in
-  ``passes_``, and under torch.distributed covers only this rank's rows (see :class:`Estimator`).
+  ``passes_``, and under torch.distributed covers only this rank's rows (see :class:`Estimator`). A store
+  that recorded its per-block sums of squares spares the pass ``damping="auto"`` would otherwise take.
 * :class:`TraceEstimator` — zeroth-order methods on loss traces (METHODS.md §7–8), input ``LossTrace``.
 """
 
@@ -371,7 +372,11 @@ class Estimator(BaseEstimator):
     resets it to 0; every later ``score`` / ``topk`` / ``self_influence`` adds its own), and
     ``rows_read_`` the training rows this process read. The first pass after ``fit`` also sums the
     squared gradient entries per block (what ``damping="auto"`` needs), so a method whose fit already
-    reads the data gets λ for free; one that needs λ *before* its first pass (DataInf) spends a pass on it.
+    reads the data gets λ for free; one that needs λ *before* its first pass (DataInf) spends a pass on it
+    — except on a :class:`GradientStore` that recorded those sums when it was written
+    (:meth:`GradientStore.block_sq_sums`: exact float64 sums of the stored rows, global, so any rank split
+    uses them): ``fit`` then takes them from the manifest and no pass is spent on λ. Stores written before
+    the sums were recorded, and in-memory GradientSets, sum them in the first pass.
 
     **Distributed.** With ``distributed="auto"`` (default: when a torch.distributed process group of more
     than one process is initialised) or ``True``, rank r owns the training rows ``rows_ = (start, stop)``
@@ -434,18 +439,38 @@ class Estimator(BaseEstimator):
             self.train_ = train.to(device=self.options.device, dtype=storage)
         self.n_ = train.n
         self.distributed_ = self._resolve_distributed()
+        recorded = self._recorded_sq_sums(train)
         if self.distributed_:
-            ns = dist.all_gather_objects(self.n_)
+            got = dist.all_gather_objects((self.n_, recorded is not None))
+            ns = [g[0] for g in got]
             if len(set(ns)) != 1:
                 raise ValueError(f"{type(self).__name__}: the ranks hold different training sets (n per rank: {ns})")
+            if not all(g[1] for g in got):  # every rank seeds, or none does (the first pass all-reduces)
+                recorded = None
             self.rows_ = dist.split_range(self.n_)
         else:
             self.rows_ = (0, self.n_)
         self._stats = self._shared_stats if self._shared_stats is not None else {"passes": 0, "rows": 0}
-        self._sq_sums: dict[str, float] | None = None
+        self._sq_sums: dict[str, float] | None = recorded
         self._col_sq: dict[str, torch.Tensor] | None = None
         self._fit()
         return self
+
+    def _recorded_sq_sums(self, train: GradientSet) -> dict[str, float] | None:
+        """The per-block sums of squares a GradientStore recorded when it was written
+        (:meth:`GradientStore.block_sq_sums`, global over all its rows, so any rank split may use them), when
+        they are the sums of the rows this estimator computes on: the rows are read unscaled
+        (no ``_row_scale``) and the compute dtype holds the stored values exactly. Else None (the first
+        pass sums them, as for an in-memory GradientSet)."""
+        if self._train_store is None or self._row_scale is not None:
+            return None
+        get = getattr(train, "block_sq_sums", None)
+        sums = get() if callable(get) else None
+        if sums is None or set(sums) != set(train.names):
+            return None
+        if torch.promote_types(train.dtype, self.compute_dtype_) != self.compute_dtype_:
+            return None
+        return {k: float(sums[k]) for k in train.names}
 
     def _resolve_distributed(self) -> bool:
         opt = self.options.distributed
@@ -591,7 +616,8 @@ class Estimator(BaseEstimator):
 
     def block_sq_sums(self) -> dict[str, float]:
         """Σ_i ‖g_il‖² per block over all n training examples (float64, all ranks summed): what
-        ``damping="auto"`` needs. One pass unless an earlier pass since ``fit`` already summed them."""
+        ``damping="auto"`` needs. One pass unless an earlier pass since ``fit`` already summed them, or the
+        training GradientStore recorded them (then no pass)."""
         self._check_fitted()
         if self._sq_sums is None:
             for _ in self._pass():

@@ -62,11 +62,14 @@ class DataInf(Estimator):
 
     Passes over the training gradients (streaming form):
 
-    * ``fit``: 0 with an explicit ``damping``; 1 with ``damping="auto"`` (the per-block sums of squares:
-      the rank-one weights 1/(λ + ‖g_i‖²) need λ before the accumulation can start).
+    * ``fit``: 0 with an explicit ``damping``; with ``damping="auto"``, 0 on a GradientStore that recorded
+      its per-block sums of squares when written (:meth:`GradientStore.block_sq_sums`; any rank split),
+      else 1 (in memory, or an older store: the rank-one weights 1/(λ + ‖g_i‖²) need λ before the
+      accumulation can start).
     * ``score(test, reduce="mean")``: 2 — one fused pass (norms, g_iᵀt̄ and the rank-one accumulation,
       S all-reduced across ranks), then one scoring pass. So fit + score(reduce="mean") is 2 passes with an
-      explicit λ and 3 with ``"auto"``. ``score`` (reduce=None) and ``topk``: 2 likewise.
+      explicit λ, and with ``"auto"`` on such a store; 3 with ``"auto"`` in memory or on an older store.
+      ``score`` (reduce=None) and ``topk``: 2 likewise.
     * ``self_influence``: −(1/λ)[‖g_i‖² − (1/n) Σ_k (g_iᵀg_k)² / (λ + ‖g_k‖²)] needs every pair of training
       examples: O(n²·D) work, 1 + ⌈n_rank/chunk⌉ passes (each inner pass reads all n rows, on every rank).
       Refused above ``pairwise_max_n`` (default 100 000) with a ValueError.
@@ -87,7 +90,7 @@ class DataInf(Estimator):
                 "use form='streaming' (or 'auto') for a GradientStore or a distributed run"
             )
         if self.options.damping == "auto":
-            sums = self.block_sq_sums()  # one pass
+            sums = self.block_sq_sums()  # one pass, or none when the training store recorded them
             for g in self.groups_:
                 width = sum(self.train_.dims[k] for k in g)
                 lam = self.options.damping_factor * sum(sums[k] for k in g) / (self.n_ * width)

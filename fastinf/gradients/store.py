@@ -8,7 +8,9 @@ Layout (format 3)::
                                gradient dtype, projection and seed, and store_dtype when it differs
                                from the gradient dtype), blocks, dtype (the storage dtype),
                                shard_bytes, n, complete, and one entry per shard, in row order:
-                               {file, n, bytes, sha256, batches: [{n, data_sha256}, ...]}
+                               {file, n, bytes, sha256, batches: [{n, data_sha256}, ...],
+                               sq_sums: {block: Σ_i ‖g_il‖² of the shard's rows as stored, float64}}
+                               (sq_sums is optional: stores written before it lack it)
       shard-00000.safetensors  one tensor per block, (n_shard, d_l) in the storage dtype; header
                                metadata "fastinf-gradient-store/<index>/<fingerprint id>"
       ...
@@ -20,6 +22,10 @@ Shards are sized in bytes: :meth:`GradientStore.append` buffers batches and writ
 buffer holds ``shard_bytes`` (default 256 MiB), so 10⁶ examples make ~64 files of 256 MiB in bf16 at
 D = 8192, not one file per batch. Each shard lists the batches it holds (rows and :func:`batch_digest`
 each), so a capture can still be checked batch by batch.
+
+Each shard also records the per-block sums of squares of its rows as stored (``sq_sums``, summed in
+float64 piece by piece when the shard is written); :meth:`GradientStore.block_sq_sums` adds them up, so
+an estimator's ``damping="auto"`` needs no pass over the rows of a store that has them.
 
 Writes are atomic: a shard is written to a temporary file, fsynced and renamed; then the manifest is
 rewritten the same way (once per shard, never per append). A capture killed at any point loses at most
@@ -544,6 +550,7 @@ class GradientStore(GradientSet):
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "batches": [{"n": n, "data_sha256": d} for _, n, d in self._buf],
+            "sq_sums": {k: math.fsum(_sq_sum(b[0][k]) for b in self._buf) for k in self._dims},
         }
         shards.append(entry)
         self.manifest["n"] += n_new
@@ -574,8 +581,11 @@ class GradientStore(GradientSet):
             raise StoreError(f"{self.path / e['file']}: could not rewrite the damaged shard: {_os_message(ex)}") from ex
         self._verified.discard(e["file"])
         sha = hashlib.sha256(data).hexdigest()
-        if (len(data), sha) != (e["bytes"], e["sha256"]):  # e.g. non-deterministic kernels on a GPU
+        sq = {k: _sq_sum(t) for k, t in tensors.items()}
+        if (len(data), sha) != (e["bytes"], e["sha256"]) or e.get("sq_sums", sq) != sq:  # e.g. GPU non-determinism
             e["bytes"], e["sha256"] = len(data), sha
+            if "sq_sums" in e:  # an older shard without the field stays without it (its store has none)
+                e["sq_sums"] = sq
             self._write_manifest()
 
     def _prepare(self, blocks: Mapping[str, torch.Tensor], row0: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -918,6 +928,25 @@ class GradientStore(GradientSet):
                 raise StoreError(f"{p}: cannot read block {name!r} ({ex})") from None
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def block_sq_sums(self) -> dict[str, float] | None:
+        """Σ_i ‖g_il‖² per block over all rows of this store, as stored (float64, from the ``sq_sums`` its
+        shards record when written), or None when it cannot tell: a shard without the field (a store
+        written before it), a view that does not cover every stored row, or a ``.to(dtype=...)`` view
+        into a dtype that does not hold the stored values exactly. Reads no rows."""
+        shards = self.manifest["shards"]
+        if not shards or any(not isinstance(e.get("sq_sums"), Mapping) for e in shards):
+            return None
+        if sum(int(e["n"]) for e in shards) != self.n:  # a view of some rows only
+            return None
+        stored = _dtype(self.manifest["dtype"], "the store's dtype")
+        view = self._view[0]
+        if view is not None and torch.promote_types(stored, view) != view:  # narrowing view: other values
+            return None
+        try:
+            return {k: math.fsum(float(e["sq_sums"][k]) for e in shards) for k in self._dims}
+        except (KeyError, TypeError, ValueError):  # a malformed entry: as if absent
+            return None
+
     # ------------------------------------------------------------------------------ GradientSet API
     @property
     def n(self) -> int:
@@ -1078,6 +1107,22 @@ def _bad_row(t: torch.Tensor) -> int | None:
     if t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float32))):
         return None
     return _first_bad_example(t)
+
+
+_SQ_ELEMS = 1 << 20  # float64 elements converted at a time by _sq_sum (8 MiB)
+
+
+def _sq_sum(t: torch.Tensor) -> float:
+    """Σ t² of a (rows, d) CPU tensor in float64, a few rows at a time (never a float64 copy of more than
+    ``_SQ_ELEMS`` elements): what a shard records per block as ``sq_sums``."""
+    if t.numel() == 0:
+        return 0.0
+    step = max(1, _SQ_ELEMS // max(t.shape[1], 1))
+    acc = torch.zeros((), dtype=torch.float64)
+    for s in range(0, t.shape[0], step):
+        x = t[s : s + step].to(torch.float64).reshape(-1)
+        acc += torch.dot(x, x)
+    return float(acc)
 
 
 def _entry_batches(e: Mapping) -> list[dict]:

@@ -68,6 +68,10 @@ def test_two_ranks_capture_the_same_store_as_one_process(tmp_path):
     st = GradientStore.open(tmp_path / "d")
     assert _batches(st) == _batches(ref) and st.manifest["complete"]
     assert torch.equal(st.load().matrix(), ref.load().matrix())  # byte-identical rows, same order
+    # the merge keeps each rank shard's recorded sums of squares: the same per-block sums as one process
+    assert all("sq_sums" in e for e in st.manifest["shards"])
+    sums, want = st.block_sq_sums(), ref.block_sq_sums()
+    assert set(sums) == set(want) and all(abs(sums[k] - want[k]) <= 1e-12 * want[k] for k in want)
     assert not list((tmp_path / "d").glob("part-*")) and not list((tmp_path / "d").glob(".*"))
     # a re-run on the finished store is checked (rank 0) and reused: nothing computed
     again = run_distributed(_capture, str(tmp_path / "d"), 1, world_size=2)
