@@ -82,7 +82,7 @@ import math
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -550,7 +550,7 @@ class GradientStore(GradientSet):
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "batches": [{"n": n, "data_sha256": d} for _, n, d in self._buf],
-            "sq_sums": {k: math.fsum(_sq_sum(b[0][k]) for b in self._buf) for k in self._dims},
+            "sq_sums": {k: _sq_sum([b[0][k] for b in self._buf]) for k in self._dims},
         }
         shards.append(entry)
         self.manifest["n"] += n_new
@@ -581,7 +581,7 @@ class GradientStore(GradientSet):
             raise StoreError(f"{self.path / e['file']}: could not rewrite the damaged shard: {_os_message(ex)}") from ex
         self._verified.discard(e["file"])
         sha = hashlib.sha256(data).hexdigest()
-        sq = {k: _sq_sum(t) for k, t in tensors.items()}
+        sq = {k: _sq_sum([t]) for k, t in tensors.items()}
         if (len(data), sha) != (e["bytes"], e["sha256"]) or e.get("sq_sums", sq) != sq:  # e.g. GPU non-determinism
             e["bytes"], e["sha256"] = len(data), sha
             if "sq_sums" in e:  # an older shard without the field stays without it (its store has none)
@@ -1112,17 +1112,23 @@ def _bad_row(t: torch.Tensor) -> int | None:
 _SQ_ELEMS = 1 << 20  # float64 elements converted at a time by _sq_sum (8 MiB)
 
 
-def _sq_sum(t: torch.Tensor) -> float:
-    """Σ t² of a (rows, d) CPU tensor in float64, a few rows at a time (never a float64 copy of more than
-    ``_SQ_ELEMS`` elements): what a shard records per block as ``sq_sums``."""
-    if t.numel() == 0:
-        return 0.0
-    step = max(1, _SQ_ELEMS // max(t.shape[1], 1))
-    acc = torch.zeros((), dtype=torch.float64)
-    for s in range(0, t.shape[0], step):
-        x = t[s : s + step].to(torch.float64).reshape(-1)
-        acc += torch.dot(x, x)
-    return float(acc)
+def _sq_sum(pieces: Sequence[torch.Tensor]) -> float:
+    """Σ t² over the rows of (rows, d) CPU tensors, as a shard records it per block (``sq_sums``).
+
+    Each row's sum of squares is taken in float64 (a few rows at a time: never a float64 copy of more
+    than ``_SQ_ELEMS`` elements) and the row sums are added with ``math.fsum`` (exactly rounded), so the
+    value does not depend on how the rows are grouped into pieces: a shard rewritten from one tensor
+    records the same bits as the same rows written from many appends.
+    """
+    rows: list[float] = []
+    for t in pieces:
+        if t.numel() == 0:
+            continue
+        step = max(1, _SQ_ELEMS // max(t.shape[1], 1))
+        for s in range(0, t.shape[0], step):
+            x = t[s : s + step].to(torch.float64)  # a view when t is float64: never modify it in place
+            rows.extend((x * x).sum(dim=1).tolist())
+    return math.fsum(rows)
 
 
 def _entry_batches(e: Mapping) -> list[dict]:
