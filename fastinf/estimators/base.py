@@ -18,6 +18,12 @@ Every estimator derives from :class:`BaseEstimator`, which holds the facts the r
   ``passes_``, and under torch.distributed covers only this rank's rows (see :class:`Estimator`). A store
   that recorded its per-block sums of squares spares the pass ``damping="auto"`` would otherwise take.
 * :class:`TraceEstimator` — zeroth-order methods on loss traces (METHODS.md §7–8), input ``LossTrace``.
+
+Why one module of ~870 lines: the registry, the option dataclass and the two bases are small; most of
+it is the one row-chunk pass machinery (chunk reads, conversion buffers, pass counting, the rank split,
+all-reduced statistics, merged top-k, gathered columns) that every gradient estimator inherits, and
+whose invariants (``rows_``, ``passes_``, the cached sums of squares) are shared state. Splitting the
+pass machinery into its own module is a follow-up.
 """
 
 from __future__ import annotations
