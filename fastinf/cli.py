@@ -444,7 +444,9 @@ class BenchCommand(Command):
     help = "run a benchmark script from the repository's bench/ directory"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("which", choices=["estimators", "capture", "traces", "ops", "scale"])
+        from .eval.jobs import BENCHMARKS
+
+        parser.add_argument("which", choices=BENCHMARKS)
         parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script (e.g. --quick)")
 
     def run(self, args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from ..version import __version__
 
 __all__ = ["BENCHMARKS", "capture_jsonl", "run_benchmark", "score_stores", "system_info"]
 
-BENCHMARKS = ("estimators", "capture", "traces", "ops", "scale")
+BENCHMARKS = ("estimators", "capture", "traces", "ops", "scale", "store_dtype")
 SCORE_FORMATS = (".safetensors", ".csv")
 
 
