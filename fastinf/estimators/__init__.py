@@ -6,7 +6,6 @@ from .base import (
     Estimator,
     EstimatorOptions,
     MethodInfo,
-    TraceEstimator,
     available_methods,
     get_estimator,
     influence,
@@ -18,6 +17,7 @@ from .exact import Exact
 from .lissa import LiSSA
 from .rrinf import RRInf, RRInfFixedPoint
 from .simple import DiagonalFisher, HessianFree
+from .trace_base import TraceEstimator
 from .z0inf import Z0Inf
 
 __all__ = [

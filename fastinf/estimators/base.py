@@ -17,13 +17,12 @@ Every estimator derives from :class:`BaseEstimator`, which holds the facts the r
   row chunks (``iter_chunks``), from memory or from a :class:`GradientStore` alike, counts itself in
   ``passes_``, and under torch.distributed covers only this rank's rows (see :class:`Estimator`). A store
   that recorded its per-block sums of squares spares the pass ``damping="auto"`` would otherwise take.
-* :class:`TraceEstimator` — zeroth-order methods on loss traces (METHODS.md §7–8), input ``LossTrace``.
+* :class:`~.trace_base.TraceEstimator` — zeroth-order methods on loss traces (METHODS.md §7–8), input ``LossTrace``.
 
-Why one module of ~870 lines: the registry, the option dataclass and the two bases are small; most of
-it is the one row-chunk pass machinery (chunk reads, conversion buffers, pass counting, the rank split,
-all-reduced statistics, merged top-k, gathered columns) that every gradient estimator inherits, and
-whose invariants (``rows_``, ``passes_``, the cached sums of squares) are shared state. Splitting the
-pass machinery into its own module is a follow-up.
+Layout: the registry and method facts live in :mod:`.registry`, the shared options in :mod:`.options`,
+:class:`TraceEstimator` in :mod:`.trace_base`; this module keeps :class:`BaseEstimator` and the gradient
+estimators' row-chunk pass machinery (chunk reads, conversion buffers, pass counting, the rank split,
+all-reduced statistics, merged top-k, gathered columns). The registry names are re-exported here.
 """
 
 from __future__ import annotations
@@ -32,15 +31,15 @@ import dataclasses
 import inspect
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from .. import distributed as dist
+from ..distributed import all_gather_objects, all_reduce_sum, gather_cat, is_distributed, rank, split_range, world_size
 from ..gradients.gradient_set import GradientSet, align_test
 from ..gradients.store import GradientStore, check_same_model
-from ..traces.loss_trace import LossTrace
+from .options import EstimatorOptions
+from .registry import INPUT_KINDS, MethodInfo, available_methods, get_estimator, influence, method_info, register
 
 log = logging.getLogger("fastinf")
 
@@ -50,102 +49,12 @@ __all__ = [
     "Estimator",
     "EstimatorOptions",
     "MethodInfo",
-    "TraceEstimator",
     "available_methods",
     "get_estimator",
     "influence",
     "method_info",
     "register",
 ]
-
-INPUT_KINDS = ("gradients", "traces")
-
-_REGISTRY: dict[str, type[BaseEstimator]] = {}
-
-
-def register(cls: type[BaseEstimator]) -> type[BaseEstimator]:
-    """Class decorator: make an estimator reachable by its canonical ``name``.
-
-    Checks that the class states its facts: a non-empty ``name``, ``input_kind`` in
-    :data:`INPUT_KINDS`, boolean ``uses_damping`` / ``stochastic``, and a dataclass ``Options``.
-    """
-    if not cls.name:
-        raise TypeError(f"{cls.__name__}: an estimator needs a non-empty class attribute 'name'")
-    if cls.input_kind not in INPUT_KINDS:
-        raise TypeError(f"{cls.__name__}: input_kind must be one of {INPUT_KINDS}, got {cls.input_kind!r}")
-    if not isinstance(cls.uses_damping, bool) or not isinstance(cls.stochastic, bool):
-        raise TypeError(f"{cls.__name__}: uses_damping and stochastic must be bools")
-    if not dataclasses.is_dataclass(cls.Options):
-        raise TypeError(f"{cls.__name__}: Options must be a dataclass")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-_CANONICAL_ORDER = [
-    "hessian_free",
-    "diagonal_fisher",
-    "datainf",
-    "lissa",
-    "rrinf",
-    "rrinf_fixed_point",
-    "exact",
-    "z0inf",
-    "bif",
-]
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """What the registry knows about one method (the class's own facts; see :func:`method_info`)."""
-
-    name: str  # canonical name, as in influence(method=...) and the CLI
-    cls: type  # the estimator class
-    input_kind: str  # "gradients" (GradientSet) or "traces" (LossTrace)
-    uses_damping: bool  # whether the scores depend on the damping λ (the `damping` option)
-    stochastic: bool  # whether the scores depend on the `seed` option (report seed variance)
-    options: tuple[str, ...]  # names of the constructor options (the Options dataclass fields)
-
-
-def _key(method: str) -> str:
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a str, got {type(method).__name__}")
-    return method.strip().lower().replace("-", "_")
-
-
-def available_methods(input_kind: str | None = None) -> list[str]:
-    """Canonical names of the implemented methods (usable in :func:`influence` and the CLI), in the
-    canonical order. ``input_kind="gradients"`` or ``"traces"`` keeps only the methods of that input."""
-    if input_kind is not None and input_kind not in INPUT_KINDS:
-        raise ValueError(f"input_kind must be None, 'gradients' or 'traces', got {input_kind!r}")
-    rank = {k: i for i, k in enumerate(_CANONICAL_ORDER)}
-    names = sorted(_REGISTRY, key=lambda k: (rank.get(k, len(rank)), k))
-    return [k for k in names if input_kind is None or _REGISTRY[k].input_kind == input_kind]
-
-
-def method_info(name: str) -> MethodInfo:
-    """The registry's facts about a method (``"datainf"``, ``"rrinf"``, ``"z0inf"``, ...)."""
-    key = _key(name)
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {available_methods()}")
-    return _REGISTRY[key].info()
-
-
-def get_estimator(method: str, **options: Any) -> BaseEstimator:
-    """An estimator instance by canonical name (``"datainf"``, ``"exact"``, ...)."""
-    key = _key(method)
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown method {method!r}; available: {available_methods()}")
-    return _REGISTRY[key](**options)
-
-
-def influence(
-    train: GradientSet, test: GradientSet, method: str = "datainf", reduce: str | None = None, **options: Any
-) -> torch.Tensor:
-    """One-call influence: ``get_estimator(method, **options).fit(train).score(test, reduce=reduce)``.
-
-    Returns (m, n) scores, or (n,) with ``reduce="mean"``; positive = harmful (METHODS.md §0).
-    """
-    return get_estimator(method, **options).fit(train).score(test, reduce=reduce)
 
 
 def merge_topk(vals, idx, scores: torch.Tensor, offset: int, k: int, largest: bool):
@@ -156,96 +65,6 @@ def merge_topk(vals, idx, scores: torch.Tensor, offset: int, k: int, largest: bo
         return v, i
     vals, sel = torch.topk(torch.cat([vals, v], 1), min(k, vals.shape[1] + v.shape[1]), 1, largest=largest)
     return vals, torch.gather(torch.cat([idx, i], 1), 1, sel)
-
-
-def _as_dtype(x: Any, fieldname: str) -> torch.dtype | None:
-    if x is None:
-        return None
-    if isinstance(x, str):
-        x = getattr(torch, x.replace("torch.", ""), None)
-    if not isinstance(x, torch.dtype) or not x.is_floating_point:
-        raise ValueError(f"{fieldname} must be a floating torch dtype (e.g. torch.float64 or 'float32'), got {x!r}")
-    return x
-
-
-@dataclass
-class EstimatorOptions:
-    """Options shared by the gradient-based estimators.
-
-    ``damping`` follows one rule for every gradient method: ``"auto"`` or a positive finite float
-    (λ = 0 would divide by zero in every method that uses it). Methods that do not use damping
-    (``hessian_free``; see ``method_info(name).uses_damping``) validate it by the same rule and then
-    ignore it, so that one set of options can be passed to every method.
-
-    Raises:
-        ValueError: an invalid option, naming it (the estimator's constructor prefixes its class
-            name: "DataInf: damping must be 'auto' or a positive finite float, got 0").
-    """
-
-    damping: float | str = field(
-        default="auto",
-        metadata={
-            "help": "'auto' = damping_factor × mean squared gradient entry (METHODS.md §0), or an absolute λ > 0; "
-            "validated but ignored by methods that do not use damping (hessian_free)"
-        },
-    )
-    damping_factor: float = field(default=0.1, metadata={"help": "coefficient of the 'auto' rule (0.1 in both papers)"})
-    blockwise: bool = field(default=False, metadata={"help": "per-block (True) or global (False) preconditioner"})
-    dtype: Any = field(default=None, metadata={"help": "compute dtype; default: input dtype promoted to float32"})
-    device: Any = field(default=None, metadata={"help": "compute device; default: the training gradients' device"})
-    backend: str = field(default="auto", metadata={"help": "'auto' | 'cuda' | 'triton' | 'torch' for fastinf.ops"})
-    chunk_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "training examples per row chunk in every pass over the training gradients "
-            "(None: automatic, from memory_budget)"
-        },
-    )
-    memory_budget: int = field(
-        default=1 << 30,
-        metadata={
-            "help": "bytes: the automatic chunk size uses a quarter of it; the limits of whole-set buffers "
-            "(exact's n×n Gram on a store, rrinf's gathered coordinates) refuse beyond it"
-        },
-    )
-    distributed: bool | str = field(
-        default="auto",
-        metadata={
-            "help": "split the training rows over the ranks of the torch.distributed process group: 'auto' "
-            "(when one is initialised), True or False"
-        },
-    )
-    allow_mismatch: bool = field(
-        default=False,
-        metadata={
-            "help": "score/topk a test GradientStore whose manifest records another model or adapter than the "
-            "training store's (default: refuse with a StoreError; see fastinf.gradients.store.check_same_model)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.damping != "auto":
-            d = self.damping
-            ok = not isinstance(d, (bool, str)) and isinstance(d, (int, float)) and math.isfinite(d) and d > 0
-            if not ok:
-                raise ValueError(f"damping must be 'auto' or a positive finite float, got {d!r}")
-            self.damping = float(d)
-        if not (isinstance(self.damping_factor, (int, float)) and self.damping_factor > 0):
-            raise ValueError(f"damping_factor must be > 0, got {self.damping_factor!r}")
-        self.dtype = _as_dtype(self.dtype, "dtype")
-        if self.device is not None:
-            self.device = torch.device(self.device)
-        if self.backend not in ("auto", "cuda", "triton", "torch"):
-            raise ValueError(f"backend must be 'auto', 'cuda', 'triton' or 'torch', got {self.backend!r}")
-        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
-        if not isinstance(self.allow_mismatch, bool):
-            raise ValueError(f"allow_mismatch must be a bool, got {self.allow_mismatch!r}")
-        mb = self.memory_budget
-        if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
-            raise ValueError(f"memory_budget must be a positive int (bytes), got {mb!r}")
-        if not (self.distributed == "auto" or isinstance(self.distributed, bool)):
-            raise ValueError(f"distributed must be 'auto', True or False, got {self.distributed!r}")
 
 
 _REDUCE = (None, "mean", "sum")
@@ -447,13 +266,13 @@ class Estimator(BaseEstimator):
         self.distributed_ = self._resolve_distributed()
         recorded = self._recorded_sq_sums(train)
         if self.distributed_:
-            got = dist.all_gather_objects((self.n_, recorded is not None))
+            got = all_gather_objects((self.n_, recorded is not None))
             ns = [g[0] for g in got]
             if len(set(ns)) != 1:
                 raise ValueError(f"{type(self).__name__}: the ranks hold different training sets (n per rank: {ns})")
             if not all(g[1] for g in got):  # every rank seeds, or none does (the first pass all-reduces)
                 recorded = None
-            self.rows_ = dist.split_range(self.n_)
+            self.rows_ = split_range(self.n_)
         else:
             self.rows_ = (0, self.n_)
         self._stats = self._shared_stats if self._shared_stats is not None else {"passes": 0, "rows": 0}
@@ -481,13 +300,13 @@ class Estimator(BaseEstimator):
     def _resolve_distributed(self) -> bool:
         opt = self.options.distributed
         if not self.supports_distributed:
-            if opt is True and dist.is_distributed():
+            if opt is True and is_distributed():
                 raise ValueError(
                     f"{type(self).__name__}: distributed=True is not supported (each step couples all n training "
                     "rows); use distributed=False or 'auto' (every rank then computes the whole result)"
                 )
             return False
-        return dist.is_distributed() if opt in ("auto", True) else False
+        return is_distributed() if opt in ("auto", True) else False
 
     @property
     def passes_(self) -> int:
@@ -601,7 +420,7 @@ class Estimator(BaseEstimator):
                     acc[i] += torch.linalg.vector_norm(part[k], dim=1).double().square().sum()
             yield s, e, part
         if track and self._sq_sums is None and (a, b) == self.rows_:
-            acc = dist.all_reduce_sum(acc) if self.distributed_ else acc
+            acc = all_reduce_sum(acc) if self.distributed_ else acc
             self._sq_sums = dict(zip(names, acc.tolist(), strict=True))
 
     def _converted(self, part: GradientSet, bufs: dict[str, torch.Tensor]) -> GradientSet:
@@ -640,7 +459,7 @@ class Estimator(BaseEstimator):
                 for k in col:
                     col[k] += ch[k].double().square().sum(0)
             if self.distributed_:
-                col = {k: dist.all_reduce_sum(v) for k, v in col.items()}
+                col = {k: all_reduce_sum(v) for k, v in col.items()}
             self._col_sq = col
         return self._col_sq
 
@@ -690,7 +509,7 @@ class Estimator(BaseEstimator):
         """This rank's columns (last dim) -> all n columns on every rank, when asked and distributed."""
         if not (gather and self.distributed_):
             return x
-        return dist.gather_cat(x, dim=x.dim() - 1)
+        return gather_cat(x, dim=x.dim() - 1)
 
     # ------------------------------------------------------------------------- public API
     def preconditioned_test(self, test: GradientSet | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -763,7 +582,7 @@ class Estimator(BaseEstimator):
             idx = torch.empty(m, 0, dtype=torch.int64, device=self.device_)
         if not self.distributed_:
             return vals, idx
-        allv, alli = dist.gather_cat(vals, dim=1), dist.gather_cat(idx, dim=1)
+        allv, alli = gather_cat(vals, dim=1), gather_cat(idx, dim=1)
         v, sel = torch.topk(allv, k, dim=1, largest=largest)
         return v, torch.gather(alli, 1, sel)
 
@@ -793,8 +612,8 @@ class Estimator(BaseEstimator):
         computed together, and each rank keeps its own rows. All ranks take the same number of steps."""
         a, b = self.rows_
         chunk = self._self_chunk_size()
-        p = dist.world_size()
-        sizes = [e - s for s, e in (dist.split_range(self.n_, r, p) for r in range(p))]
+        p = world_size()
+        sizes = [e - s for s, e in (split_range(self.n_, r, p) for r in range(p))]
         steps = max(-(-c // chunk) for c in sizes)
         out = torch.empty(b - a, dtype=self.compute_dtype_, device=self.device_)
         it = iter(self._pass(chunk, track=False))
@@ -802,7 +621,7 @@ class Estimator(BaseEstimator):
         for _ in range(steps):
             item = next(it, None)
             own = {k: item[2][k].cpu() for k in names} if item is not None else None
-            parts = dist.all_gather_objects(own)
+            parts = all_gather_objects(own)
             union = GradientSet(
                 {k: torch.cat([q[k] for q in parts if q is not None]).to(self.device_) for k in names}, validate=False
             )
@@ -810,7 +629,7 @@ class Estimator(BaseEstimator):
             if item is None:
                 continue
             s, e, ch = item
-            off = sum(q[names[0]].shape[0] for q in parts[: dist.rank()] if q is not None)
+            off = sum(q[names[0]].shape[0] for q in parts[: rank()] if q is not None)
             acc = None
             for k, t in tside.items():
                 v = (t[off : off + e - s] * self._train_side(k, ch[k])).sum(1)
@@ -827,53 +646,3 @@ class Estimator(BaseEstimator):
             v = (a * self._train_side(k, ch[k])).sum(1)
             acc = v if acc is None else acc + v
         return -acc
-
-
-class TraceEstimator(BaseEstimator):
-    """Base of the estimators that work on :class:`LossTrace` (no gradients): Z0-Inf, BIF.
-
-    Subclasses implement ``fit`` and ``_score_cols(test, start, stop)`` (the (m, stop − start) scores of
-    training columns start..stop); ``score`` and ``topk`` are built on it.
-    """
-
-    input_kind: ClassVar[str] = "traces"
-    uses_damping: ClassVar[bool] = False
-    stochastic: ClassVar[bool] = False
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.train_: LossTrace | None = None
-
-    @staticmethod
-    def _coerce(t: Any, what: str) -> LossTrace:
-        if isinstance(t, LossTrace):
-            return t
-        if isinstance(t, torch.Tensor):
-            return LossTrace(t)
-        raise TypeError(f"{what} must be a LossTrace (or a (T, n) tensor of losses), got {type(t).__name__}")
-
-    def _check_fitted(self) -> LossTrace:
-        if getattr(self, "train_", None) is None:
-            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(train_trace) first")
-        return self.train_
-
-    def _score_cols(self, test: Any, start: int, stop: int) -> torch.Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def score(self, test: Any, *, reduce: str | None = None) -> torch.Tensor:
-        """(m, n) scores of every query against every training example; ``reduce="mean"`` (or ``"sum"``)
-        aggregates over the m queries → (n,). Positive = harmful."""
-        _check_reduce(reduce)
-        return _reduce(self._score_cols(test, 0, self._check_fitted().n), reduce)
-
-    def topk(self, test: Any, k: int, *, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """k largest (smallest) scores per query, in chunks of training examples: (values (m, k), indices (m, k))."""
-        train = self._check_fitted()
-        self._check_k(k, train.n)
-        test = self._coerce(test, "test")
-        vals = idx = None
-        chunk = max(1, (1 << 24) // max(test.n, 1))
-        for s in range(0, train.n, chunk):
-            e = min(s + chunk, train.n)
-            vals, idx = merge_topk(vals, idx, self._score_cols(test, s, e), s, k, largest)
-        return vals, idx

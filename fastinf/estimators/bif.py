@@ -18,7 +18,8 @@ import torch
 from ..ops import trace_cov
 from ..ops.trace_cov import CoMoments
 from ..traces.loss_trace import LossTrace
-from .base import TraceEstimator, register
+from .registry import register
+from .trace_base import TraceEstimator
 
 # TraceEstimator lives in base.py (shared with the gradient estimators' registry facts); re-exported here
 __all__ = ["BIF", "TraceEstimator"]

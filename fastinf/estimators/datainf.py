@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import distributed as dist
+from ..distributed import all_reduce_sum
 from ..gradients.gradient_set import GradientSet
 from ..ops import datainf_inverse_sum
 from .base import Estimator, EstimatorOptions, register
@@ -143,7 +143,7 @@ class DataInf(Estimator):
         for g in self.groups_:
             lam = self.lam_[tuple(g)]
             for k in g:
-                Sk = dist.all_reduce_sum(S[k]) if self.distributed_ else S[k]
+                Sk = all_reduce_sum(S[k]) if self.distributed_ else S[k]
                 out[k] = (test[k] - Sk / n) / lam
         return out
 

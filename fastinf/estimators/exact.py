@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import distributed as dist
+from ..distributed import all_reduce_sum
 from ..gradients.gradient_set import GradientSet
 from .base import Estimator, EstimatorOptions, register
 
@@ -144,7 +144,7 @@ class Exact(Estimator):
                     X = self._cat(ch, g)
                     H[tuple(g)].addmm_(X.T, X)
             for g in dgroups:
-                Hg = dist.all_reduce_sum(H.pop(tuple(g))) if self.distributed_ else H.pop(tuple(g))
+                Hg = all_reduce_sum(H.pop(tuple(g))) if self.distributed_ else H.pop(tuple(g))
                 Hg.div_(n)
                 lam = self.damping_for(g)
                 Hg.diagonal().add_(lam)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import distributed as dist
+from ..distributed import all_reduce_sum
 from ..gradients.gradient_set import GradientSet
 from .base import Estimator, EstimatorOptions, register
 
@@ -114,7 +114,7 @@ class LiSSA(Estimator):
                     out[k].addmm_(P, ch[k])
         for k in out:
             if self.distributed_:
-                out[k] = dist.all_reduce_sum(out[k])
+                out[k] = all_reduce_sum(out[k])
             out[k].div_(self.n_)
         return out
 

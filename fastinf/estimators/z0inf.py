@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from ..traces.loss_trace import LossTrace
-from .base import TraceEstimator, register
+from .registry import register
+from .trace_base import TraceEstimator
 
 __all__ = ["Z0Inf", "neighbor_sets", "spearman_matrix"]
 

@@ -1,31 +1,6 @@
 """``GradientStore``: an on-disk GradientSet — a directory of safetensors shards + a JSON manifest.
 
-Layout (format 3)::
-
-    store/
-      manifest.json            format, format_version, fastinf_version, fingerprint (model class,
-                               adapter config, adapter weights' SHA-256, loss, block names and dims,
-                               gradient dtype, projection and seed, and store_dtype when it differs
-                               from the gradient dtype), blocks, dtype (the storage dtype),
-                               shard_bytes, n, complete, and one entry per shard, in row order:
-                               {file, n, bytes, sha256, batches: [{n, data_sha256}, ...],
-                               sq_sums: {block: Σ_i ‖g_il‖² of the shard's rows as stored, float64}}
-                               (sq_sums is optional: stores written before it lack it)
-      shard-00000.safetensors  one tensor per block, (n_shard, d_l) in the storage dtype; header
-                               metadata "fastinf-gradient-store/<index>/<fingerprint id>"
-      ...
-      shard-r1of2-00000.safetensors, part-r1of2.json
-                               a distributed capture's rank 1 of 2, until rank 0 merges the parts into
-                               manifest.json (the rank shards stay, listed there; the parts go)
-
-Shards are sized in bytes: :meth:`GradientStore.append` buffers batches and writes a shard once the
-buffer holds ``shard_bytes`` (default 256 MiB), so 10⁶ examples make ~64 files of 256 MiB in bf16 at
-D = 8192, not one file per batch. Each shard lists the batches it holds (rows and :func:`batch_digest`
-each), so a capture can still be checked batch by batch.
-
-Each shard also records the per-block sums of squares of its rows as stored (``sq_sums``, summed in
-float64 piece by piece when the shard is written); :meth:`GradientStore.block_sq_sums` adds them up, so
-an estimator's ``damping="auto"`` needs no pass over the rows of a store that has them.
+The on-disk layout (manifest fields, shard files, rank parts) is documented in :mod:`.store_format`.
 
 Writes are atomic: a shard is written to a temporary file, fsynced and renamed; then the manifest is
 rewritten the same way (once per shard, never per append). A capture killed at any point loses at most
@@ -36,13 +11,8 @@ uninterrupted run. An ``OSError`` while writing (a full disk) raises a :class:`S
 shard and the OS error; the manifest still lists only complete shards, and a re-run resumes. No
 pickle anywhere.
 
-Distributed capture (inside an initialised ``torch.distributed`` process group,
-``collector.collect(loader, store=path)`` on every rank): rank r captures the r-th contiguous range of
-the batches (:func:`fastinf.distributed.split_range`) into its own shards and part record; after all
-ranks finish, rank 0 appends the parts' shard entries in batch order to ``manifest.json`` (one atomic
-write), so the finished store equals a one-process capture: same examples in the same order, each row
-the same bytes (only the shard boundaries differ). A killed rank's part resumes when every rank is
-re-run with the same world size.
+Capture (resume, data checks, repair, distributed capture) lives in :mod:`.store_capture`; the
+format helpers (fingerprints, digests, dtypes, manifests) in :mod:`.store_format`.
 
 A store knows what it holds, and refuses to stand for anything else:
 
@@ -69,18 +39,11 @@ never a whole ``(n, d_l)`` block. ``store[name]`` still reads one whole block (k
 cache) for code that works block by block; :meth:`~GradientStore.load` reads everything. Capture holds
 at most ``shard_bytes`` of buffered rows plus one batch, and about as much again while a shard is
 serialised.
-
-Why one module of ~1,250 lines: every part of it (buffered appends, the manifest, resume and repair,
-the data digests, the distributed part-merge, chunked reads) reads and writes the same manifest and
-shard invariants through the private state of :class:`GradientStore`; the tests patch its writer
-(``atomic_write``) to simulate crashes at every step. Splitting it (the pure helpers at the bottom and
-the distributed merge are the candidates) is a follow-up, not done in the issue that grew it.
 """
 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import hashlib
 import json
 import logging
@@ -88,164 +51,37 @@ import math
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import distributed
 from ..utils import atomic_write
-from ..version import __version__
-from .gradient_set import GradientSet, _first_bad_example, chunk_range
+from .gradient_set import GradientSet, chunk_range
+from .store_capture import _CaptureMixin
+from .store_format import (
+    _ST_DTYPE,
+    DEFAULT_SHARD_BYTES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    StoreError,
+    _bad_row,
+    _dtype,
+    _dtype_name,
+    _fingerprint_id,
+    _new_manifest,
+    _os_message,
+    _sha256,
+    _sq_sum,
+    batch_digest,
+    check_same_model,
+)
 
 __all__ = ["GradientStore", "StoreError", "batch_digest", "check_same_model"]
 
 log = logging.getLogger("fastinf")
-
-FORMAT = "fastinf-gradient-store"
-# 2: shards record data_sha256, fingerprints the adapter weights' SHA-256 (version 1 stores stay readable)
-# 3: shards sized in bytes hold several batches ({n, data_sha256} each); storage dtype; rank parts
-FORMAT_VERSION = 3
-MANIFEST = "manifest.json"
-
-
-class StoreError(ValueError):
-    """A gradient store that is missing, corrupted, truncated or incompatible."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _feed(h: Any, x: Any) -> None:
-    """Feed a canonical, type-tagged encoding of ``x`` into the hash ``h`` (see :func:`batch_digest`)."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-        h.update(f"T{str(t.dtype).replace('torch.', '')}{tuple(t.shape)}:".encode())
-        if t.numel():
-            t = t.to("cpu").contiguous().reshape(-1)
-            h.update(memoryview(t.view(torch.uint8).numpy()))
-    elif isinstance(x, Mapping):
-        h.update(f"M{len(x)}:".encode())
-        for k in sorted(x, key=str):
-            _feed(h, str(k))
-            _feed(h, x[k])
-    elif isinstance(x, (list, tuple)):
-        h.update(f"L{len(x)}:".encode())
-        for v in x:
-            _feed(h, v)
-    elif isinstance(x, str):
-        b = x.encode()
-        h.update(f"S{len(b)}:".encode() + b)
-    elif x is None or isinstance(x, (bool, int, float)):
-        h.update(f"V{x!r};".encode())
-    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-        h.update(f"D{type(x).__qualname__}:".encode())
-        _feed(h, {f.name: getattr(x, f.name) for f in dataclasses.fields(x)})
-    elif hasattr(x, "__array__") and hasattr(x, "dtype") and hasattr(x, "shape"):  # numpy arrays
-        import numpy as np
-
-        a = np.ascontiguousarray(x)
-        h.update(f"A{a.dtype}{tuple(a.shape)}:".encode())
-        h.update(memoryview(a.reshape(-1).view(np.uint8)))
-    else:  # opaque objects: only their type counts
-        h.update(f"O{type(x).__module__}.{type(x).__qualname__};".encode())
-
-
-def batch_digest(batch: Any) -> str:
-    """SHA-256 (hex) of everything a batch holds: what a store's shard records as ``data_sha256``.
-
-    Covers every tensor of the batch (``input_ids``, ``attention_mask``, ``labels``, ``pixel_values``,
-    ``index``, ...) with its key, dtype, shape and bytes, in sorted key order (so the dict's order does
-    not matter), and strings, numbers, lists, tuples, dataclasses, numpy arrays and nested mappings by
-    value; other objects count by their type only (a batch of such objects cannot be told apart).
-    Cheap: no forward pass; tensors are hashed on the CPU.
-    """
-    h = hashlib.sha256()
-    _feed(h, batch)
-    return h.hexdigest()
-
-
-def _short(v: Any) -> str:
-    r = repr(v) if not isinstance(v, str) else v
-    return r if len(r) <= 40 else r[:37] + "..."
-
-
-def _model_differences(a: Mapping, b: Mapping) -> list[str]:
-    """Short descriptions of how two capture fingerprints differ in model or adapter (empty: the same)."""
-    out: list[str] = []
-    for k in ("model_class", "name_or_path"):
-        if a.get(k) != b.get(k):
-            what = "model classes" if k == "model_class" else "base models"
-            out.append(f"different {what}: {_short(a.get(k))} vs {_short(b.get(k))}")
-    ca, cb = a.get("adapter_config") or {}, b.get("adapter_config") or {}
-    if ca != cb:
-        if not (isinstance(ca, Mapping) and isinstance(cb, Mapping)) or not all(
-            isinstance(v, Mapping) for v in [*ca.values(), *cb.values()]
-        ):
-            out.append("different adapter configs")
-        elif set(ca) != set(cb):
-            out.append(f"different adapter names: {_short(sorted(ca))} vs {_short(sorted(cb))}")
-        else:
-            keys = sorted({kk for k in ca for kk in set(ca[k]) | set(cb[k]) if ca[k].get(kk) != cb[k].get(kk)})
-            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            out.append(f"different adapter configs (in {', '.join(keys[:3])}{more})")
-    sa, sb = a.get("adapter_sha256"), b.get("adapter_sha256")
-    if sa is not None and sb is not None:
-        if sa != sb:
-            out.append(f"different adapters: {sa[:12]} vs {sb[:12]} (SHA-256 of the adapter weights)")
-    elif a.get("adapter_weight_abs_sum") != b.get("adapter_weight_abs_sum"):
-        out.append(
-            f"different adapters: weight |sums| {_short(a.get('adapter_weight_abs_sum'))} vs "
-            f"{_short(b.get('adapter_weight_abs_sum'))}"
-        )
-    for k in ("projection", "projection_seed"):
-        if a.get(k) != b.get(k):
-            out.append(f"{k.replace('_', ' ')} {a.get(k)} vs {b.get(k)}")
-    ba, bb = dict(a.get("blocks") or {}), dict(b.get("blocks") or {})
-    if len(ba) != len(bb):
-        out.append(f"{len(ba)} vs {len(bb)} blocks")
-    elif list(ba) != list(bb):
-        diff = [(x, y) for x, y in zip(ba, bb, strict=True) if x != y]
-        out.append(f"{len(diff)} of {len(ba)} block names differ (e.g. {_short(diff[0][0])} vs {_short(diff[0][1])})")
-    elif ba != bb:
-        diff = [k for k in ba if ba[k] != bb[k]]
-        k = diff[0]
-        out.append(f"{len(diff)} of {len(ba)} blocks differ in width (e.g. {_short(k)}: {ba[k]} vs {bb[k]})")
-    return out
-
-
-def check_same_model(train: GradientStore | str | os.PathLike, test: GradientStore | str | os.PathLike) -> None:
-    """Refuse a train/test pair of stores captured from different models or adapters.
-
-    Compares the fingerprints their manifests record: model class, base model name, adapter config,
-    adapter weights (SHA-256; older stores: the sum of |weights|), projection and its seed, and the
-    block names and widths. The loss function and the storage dtype may differ.
-
-    Args:
-        train, test: :class:`GradientStore` objects, or store directories.
-
-    Raises:
-        StoreError: the fingerprints differ; one line summing up the differences (e.g.
-            ``"different adapters: 1a2b3c4d5e6f vs 9f8e7d6c5b4a"``, ``"26 vs 120 blocks"``), never a
-            list of block names, ending in "pass allow_mismatch=True" (``--allow-mismatch`` on the CLI).
-    """
-    fps = []
-    for st in (train, test):
-        man = st.manifest if isinstance(st, GradientStore) else GradientStore._read_manifest(Path(st))
-        fps.append((Path(st.path if isinstance(st, GradientStore) else st), man.get("fingerprint") or {}))
-    (pa, fa), (pb, fb) = fps
-    diffs = _model_differences(fa, fb)
-    if diffs:
-        raise StoreError(
-            f"the train store {pa} and the test store {pb} were captured from different models: "
-            f"{'; '.join(diffs)}; pass allow_mismatch=True to use them together anyway"
-        )
 
 
 class _LazyBlocks(Mapping):
@@ -275,7 +111,7 @@ class _LazyBlocks(Mapping):
         return len(self._store._dims)
 
 
-class GradientStore(GradientSet):
+class GradientStore(_CaptureMixin, GradientSet):
     """On-disk per-example gradients (see the module docstring). Create with :meth:`create`, read with
     :meth:`open`; ``LoRAGradientCollector.collect(loader, store=path)`` does both."""
 
@@ -405,44 +241,6 @@ class GradientStore(GradientSet):
         manifest = _new_manifest(fp, shard_bytes or DEFAULT_SHARD_BYTES)
         atomic_write(mpath, json.dumps(manifest, indent=1).encode(), durable=True)
         return cls(path, manifest)
-
-    @classmethod
-    def _create_for_capture(
-        cls,
-        path: str | os.PathLike,
-        collector: Any,
-        *,
-        overwrite: bool = False,
-        store_dtype: torch.dtype | str | None = None,
-        shard_bytes: int | None = None,
-    ) -> GradientStore:
-        """:meth:`create` on every rank of a process group: the ranks' fingerprints must agree; rank 0
-        creates (or wipes, or checks) the directory, the others then reopen it. One process: create."""
-        if not distributed.is_distributed():
-            return cls.create(path, collector, overwrite=overwrite, store_dtype=store_dtype, shard_bytes=shard_bytes)
-        fp = collector.fingerprint() if hasattr(collector, "fingerprint") else collector
-        fps = distributed.all_gather_objects(fp)
-        for r, other in enumerate(fps[1:], start=1):
-            if other != fps[0]:
-                diffs = _model_differences(fps[0], other) or [
-                    "differs in " + str(sorted(k for k in set(fps[0]) | set(other) if fps[0].get(k) != other.get(k)))
-                ]
-                raise StoreError(
-                    f"{path}: the ranks capture with different arguments (rank 0 vs rank {r}: {'; '.join(diffs)}); "
-                    "every rank must load the same model and adapter with the same options"
-                )
-        err = None
-        if distributed.rank() == 0:
-            try:
-                cls.create(path, fp, overwrite=overwrite, store_dtype=store_dtype, shard_bytes=shard_bytes)
-            except Exception as e:  # every rank raises the same error
-                err = e
-        msg = distributed.broadcast_object(None if err is None else (type(err).__name__, str(err)))
-        if err is not None:
-            raise err
-        if msg is not None:
-            raise (TypeError if msg[0] == "TypeError" else ValueError if msg[0] == "ValueError" else StoreError)(msg[1])
-        return cls.create(path, fp, store_dtype=store_dtype, shard_bytes=shard_bytes)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, allow_incomplete: bool = False, checksums: bool = True) -> GradientStore:
@@ -675,179 +473,6 @@ class GradientStore(GradientSet):
         """Rows in the shards written so far (not counting buffered rows)."""
         return int(self.manifest["n"])
 
-    def fill(self, collector: Any, dataloader: Iterable, *, progress: bool = True) -> GradientStore:
-        """Capture every batch of ``dataloader`` not yet stored (resume), buffering batches into shards
-        of ``shard_bytes``.
-
-        Every batch is first checked against the shard that already holds it (its
-        :func:`batch_digest` and row count: no forward pass), so a re-run resumes an interrupted
-        capture from the first batch not in a complete shard, reuses a complete store of the same
-        data without recomputing anything, and refuses other data. A stored shard whose file is
-        missing, truncated, corrupted or foreign is recomputed from its batches and rewritten
-        atomically, with a warning (logger ``"fastinf"``) naming it. Returns the complete store,
-        opened for reading.
-
-        Inside an initialised ``torch.distributed`` process group (more than one process), call it on
-        every rank with the same dataloader: rank r captures the r-th contiguous range of the batches
-        not yet stored (:func:`fastinf.distributed.split_range`) into its own shards
-        (``shard-r{r}of{P}-*.safetensors``, recorded in ``part-r{r}of{P}.json``); after all ranks
-        finish, rank 0 checks the shards already stored and merges the ranks' records, in batch
-        order, into the manifest (one atomic write), so the store equals a one-process capture (same
-        rows in the same order, the same bytes per row). A rank killed mid-capture loses only its
-        buffered batches: re-running every rank resumes each part. The dataloader must have a
-        ``len()`` or be re-iterable (it is then counted first).
-
-        Raises:
-            StoreError: the data differs from what the store holds: a batch with other content or
-                rows than its shard ("shard 3 holds other data than batch 7"), fewer or more rows in
-                all ("the store holds 20 rows, the data 5"), or a shard that recorded no data digest;
-                each message ends in "pass overwrite=True" (recompute the store from scratch). A shard
-                could not be written (``OSError``: see :meth:`flush`). Distributed: any rank's error,
-                on every rank.
-            ValueError: the dataloader yielded no batches.
-        """
-        if distributed.is_distributed():
-            return self._fill_distributed(collector, dataloader, progress=progress)
-        from tqdm.auto import tqdm
-
-        total = len(dataloader) if hasattr(dataloader, "__len__") else None
-        bar = tqdm(
-            dataloader,
-            total=total,
-            desc=f"per-example gradients -> {self.path.name}",
-            unit="batch",
-            disable=not progress,
-        )
-        f = _Filler(self, collector)
-        for i, batch in enumerate(bar):
-            f.step(i, i, batch)
-        f.finish()
-        self.mark_complete()
-        return GradientStore.open(self.path)
-
-    # ------------------------------------------------------------------------------ distributed capture
-    def _part(self, r: int, p: int, b0: int, b1: int) -> GradientStore:
-        """Rank ``r``'s part of a distributed capture of batches ``[b0, b1)``: reopened to resume when a
-        part of the same capture and range exists, else (a stale part is discarded) started empty."""
-        name, prefix = f"part-r{r}of{p}.json", f"shard-r{r}of{p}-"
-        want = {"rank": r, "world_size": p, "first_batch": b0, "stop_batch": b1}
-        man = None
-        if (self.path / name).exists():
-            try:
-                man = self._read_manifest(self.path, name)
-            except StoreError as e:
-                log.warning("%s: discarding an unreadable part record (%s)", self.path / name, e)
-            if man is not None and (man.get("fingerprint") != self.manifest["fingerprint"] or man.get("part") != want):
-                log.warning(
-                    "%s: discarding the part of an earlier capture (another range of batches or arguments)",
-                    self.path / name,
-                )
-                for e in man.get("shards", []):
-                    (self.path / e["file"]).unlink(missing_ok=True)
-                man = None
-        if man is None:
-            man = _new_manifest(self.manifest["fingerprint"], self.shard_bytes)
-            man["dtype"] = self.manifest["dtype"]
-            man["part"] = want
-            atomic_write(self.path / name, json.dumps(man, indent=1).encode(), durable=True)
-        return GradientStore(self.path, man, shard_bytes=self.shard_bytes, manifest_name=name, shard_prefix=prefix)
-
-    def _fill_distributed(self, collector: Any, dataloader: Iterable, *, progress: bool) -> GradientStore:
-        from tqdm.auto import tqdm
-
-        r, p = distributed.rank(), distributed.world_size()
-        if hasattr(dataloader, "__len__"):
-            total = len(dataloader)
-        elif iter(dataloader) is dataloader:
-            raise TypeError(
-                "a distributed capture needs a dataloader with len() or one that can be iterated twice "
-                "(every rank must know the number of batches to take its share)"
-            )
-        else:
-            total = sum(1 for _ in dataloader)
-        complete = bool(self.manifest.get("complete"))
-        err: BaseException | None = None
-        payload = None
-        try:
-            if complete:  # a finished store: rank 0 checks it against the data (and repairs), the others wait
-                if r == 0:
-                    f = _Filler(self, collector)
-                    for i, batch in enumerate(dataloader):
-                        f.step(i, i, batch)
-                    f.finish()
-            else:
-                s = sum(len(_entry_batches(e)) for e in self.manifest["shards"])  # stored by a one-process run
-                b0, b1 = distributed.split_range(max(total - s, 0), r, p)
-                b0, b1 = b0 + s, b1 + s
-                part = self._part(r, p, b0, b1) if b1 > b0 else None
-                f0 = _Filler(self, collector) if r == 0 and s else None
-                fp = _Filler(part, collector) if part is not None else None
-                bar = tqdm(
-                    dataloader,
-                    total=total,
-                    desc=f"per-example gradients -> {self.path.name} (rank {r}/{p})",
-                    unit="batch",
-                    disable=not progress or r != 0,
-                )
-                for i, batch in enumerate(bar):
-                    if i >= b1:  # b1 >= s: nothing of this rank's after it
-                        break
-                    if i < s:
-                        if f0 is not None:
-                            f0.step(i, i, batch)
-                    elif i >= b0:
-                        fp.step(i - b0, i, batch)
-                if f0 is not None:
-                    f0.finish()
-                if fp is not None:
-                    fp.finish()
-                    part.flush()
-                    payload = (b0, b1, part.manifest["shards"])
-                elif total == 0 and s == 0 and r == 0:
-                    raise ValueError("the dataloader yielded no batches: nothing to capture")
-        except Exception as e:
-            err = e
-        results = distributed.all_gather_objects(None if err is None else f"rank {r}: {type(err).__name__}: {err}")
-        if err is not None:
-            raise err
-        failed = [m for m in results if m is not None]
-        if failed:
-            raise StoreError(f"{self.path}: the distributed capture failed on {failed[0]}")
-        parts = distributed.all_gather_objects(payload)
-        if not complete and r == 0:
-            self._merge_parts([q for q in parts if q is not None], total)
-        elif complete and r == 0:
-            self._remove_parts()
-        distributed.barrier()
-        return GradientStore.open(self.path)
-
-    def _merge_parts(self, parts: list, total: int) -> None:
-        """Rank 0: append the ranks' shard records (in batch order) to the manifest, mark it complete
-        (one atomic write), then remove the part records."""
-        shards = self.manifest["shards"]
-        at = sum(len(_entry_batches(e)) for e in shards)
-        for b0, b1, entries in sorted(parts, key=lambda q: q[0]):
-            got = sum(len(_entry_batches(e)) for e in entries)
-            if b0 != at or got != b1 - b0:  # pragma: no cover - the ranks' ranges tile the batches by construction
-                raise StoreError(f"{self.path}: the ranks' parts do not tile the batches (at {at}: part {b0}..{b1})")
-            shards.extend(entries)
-            self.manifest["n"] += sum(e["n"] for e in entries)
-            at = b1
-        if at != total:  # pragma: no cover
-            raise StoreError(f"{self.path}: the ranks' parts cover {at} of {total} batches")
-        self.manifest["complete"] = True
-        self._write_manifest()
-        self._remove_parts()
-
-    def _remove_parts(self) -> None:
-        """Remove part records and rank shards no longer listed in the manifest (a finished store)."""
-        listed = {e["file"] for e in self.manifest["shards"]}
-        for q in self.path.glob("part-r*of*.json"):
-            q.unlink(missing_ok=True)
-        for q in self.path.glob("shard-r*of*-*.safetensors"):
-            if q.name not in listed:
-                q.unlink(missing_ok=True)
-
     # ------------------------------------------------------------------------------ reading
     def _shard_path(self, entry: dict) -> Path:
         return self.path / entry["file"]
@@ -1065,194 +690,3 @@ class GradientStore(GradientSet):
     def load(self) -> GradientSet:
         """The whole store in memory."""
         return self._rows(0, self.n)
-
-
-DEFAULT_SHARD_BYTES = 256 << 20
-_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-STORE_DTYPES = ("float32", "float16", "bfloat16", "float64")
-
-
-def _dtype_name(dt: torch.dtype | str) -> str:
-    """'bfloat16' for torch.bfloat16 or 'bfloat16'; TypeError for anything but a floating dtype."""
-    name = str(dt).replace("torch.", "")
-    if name not in STORE_DTYPES:
-        raise TypeError(f"store_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dt!r}")
-    return name
-
-
-def _dtype(name: str, what: str) -> torch.dtype:
-    dt = getattr(torch, str(name), None)
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise TypeError(f"{what} must name a floating torch dtype, got {name!r}")
-    return dt
-
-
-def _fingerprint_id(fp: Mapping) -> str:
-    """A short digest of a capture fingerprint (written into every shard's header)."""
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _new_manifest(fp: dict, shard_bytes: int) -> dict:
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "fastinf_version": __version__,
-        "fingerprint": fp,
-        "blocks": dict(fp["blocks"]),
-        "dtype": fp.get("store_dtype", fp["dtype"]),
-        "shard_bytes": int(shard_bytes),
-        "n": 0,
-        "complete": False,
-        "shards": [],
-    }
-
-
-def _bad_row(t: torch.Tensor) -> int | None:
-    """The first row of ``t`` holding NaN/inf, or None: one reduction when all is finite (a sum in
-    float32 is finite then, unless it overflows: only then are the rows checked one by one)."""
-    if t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float32))):
-        return None
-    return _first_bad_example(t)
-
-
-_SQ_ELEMS = 1 << 20  # float64 elements converted at a time by _sq_sum (8 MiB)
-
-
-def _sq_sum(pieces: Sequence[torch.Tensor]) -> float:
-    """Σ t² over the rows of (rows, d) CPU tensors, as a shard records it per block (``sq_sums``).
-
-    Each row's sum of squares is taken in float64 (a few rows at a time: never a float64 copy of more
-    than ``_SQ_ELEMS`` elements) and the row sums are added with ``math.fsum`` (exactly rounded), so the
-    value does not depend on how the rows are grouped into pieces: a shard rewritten from one tensor
-    records the same bits as the same rows written from many appends.
-    """
-    rows: list[float] = []
-    for t in pieces:
-        if t.numel() == 0:
-            continue
-        step = max(1, _SQ_ELEMS // max(t.shape[1], 1))
-        for s in range(0, t.shape[0], step):
-            x = t[s : s + step].to(torch.float64)  # a view when t is float64: never modify it in place
-            rows.extend((x * x).sum(dim=1).tolist())
-    return math.fsum(rows)
-
-
-def _entry_batches(e: Mapping) -> list[dict]:
-    """The batches a shard holds, [{n, data_sha256}] (format 2 shards held one batch each)."""
-    b = e.get("batches")
-    if b is not None:
-        return b
-    return [{"n": e["n"], "data_sha256": e.get("data_sha256")}]
-
-
-def _os_message(e: OSError) -> str:
-    return f"[Errno {e.errno}] {e.strerror}" if e.errno is not None and e.strerror else f"{type(e).__name__}: {e}"
-
-
-class _Filler:
-    """One pass of a capture over a store (or a rank's part): checks each batch against the batch its
-    shards record (digest, rows), recomputes damaged shards from their batches, captures the rest."""
-
-    def __init__(self, store: GradientStore, collector: Any) -> None:
-        self.st, self.col = store, collector
-        self.recs: list[tuple[int, int, int, int, str | None]] = []  # (shard, position, batches in it, rows, digest)
-        for si, e in enumerate(store.manifest["shards"]):
-            bl = _entry_batches(e)
-            self.recs += [(si, pos, len(bl), int(b["n"]), b.get("data_sha256")) for pos, b in enumerate(bl)]
-        self.stored, self.complete = len(self.recs), bool(store.manifest.get("complete"))
-        self.rows = self.batches = 0
-        self.mismatch: str | None = None  # the first difference; after it, batches are only counted
-        self.rows_known = True  # False once a batch's rows could not be told (a batch without tensors)
-        self.problems: dict[int, str | None] = {}
-        self.repair: dict[int, list[dict[str, torch.Tensor]]] = {}
-        self.repaired: list[str] = []
-
-    def _label(self, si: int) -> str:
-        main = self.st._mname == MANIFEST
-        return f"shard {si}" if main else f"shard {self.st.manifest['shards'][si]['file']}"
-
-    def step(self, j: int, i: int, batch: Any) -> None:
-        """Batch ``i`` of the data, the ``j``-th of this store (or part)."""
-        self.batches = j + 1
-        size = _batch_size(batch, strict=False)
-        st = self.st
-        if self.mismatch is None and j >= self.stored and not self.complete:  # not stored yet: capture it
-            digest = batch_digest(batch)
-            grads = self.col.batch_gradients(batch)
-            st.append(grads, data_sha256=digest)
-            self.rows += next(iter(grads.values())).shape[0]
-            return
-        if self.mismatch is None and j < self.stored:
-            si, pos, nb, n, d = self.recs[j]
-            if d is None:
-                raise StoreError(
-                    f"{st.path}: {self._label(si)} records no digest of its data (written by an older fastinf or "
-                    "by append() without data_sha256), so it cannot be checked against the data; "
-                    "pass overwrite=True to recompute the store"
-                )
-            if size is not None and n != size:
-                self.mismatch = (
-                    f"{self._label(si)} holds other data than batch {i} ({n} rows vs {size}: other data, or the "
-                    "same data in batches of another size)"
-                )
-            elif d != batch_digest(batch):
-                self.mismatch = f"{self._label(si)} holds other data than batch {i} (same {n} rows, other content)"
-            else:
-                self.rows += n
-                if si not in self.problems:
-                    self.problems[si] = st._shard_problem(st.manifest["shards"][si])
-                if self.problems[si] is not None:
-                    self.repair.setdefault(si, []).append(self.col.batch_gradients(batch))
-                    if pos == nb - 1:
-                        parts = self.repair.pop(si)
-                        blocks = {k: torch.cat([g[k] for g in parts]) for k in parts[0]}
-                        st._rewrite_shard(si, blocks)
-                        e = st.manifest["shards"][si]
-                        self.repaired.append(e["file"])
-                        log.warning(
-                            "%s: %s; recomputed it from batch%s %s",
-                            st._shard_path(e),
-                            self.problems[si],
-                            "es" if nb > 1 else "",
-                            f"{i - nb + 1}..{i}" if nb > 1 else i,
-                        )
-                return
-        elif self.mismatch is None:  # a complete store, and the data goes on
-            self.mismatch = f"the store holds {self.stored} batches, the data more"
-        # after the first difference the remaining batches are only counted, for the message
-        if size is None:
-            self.rows_known = False
-        else:
-            self.rows += size
-
-    def finish(self) -> None:
-        """Raise if the data differed from the store (see :meth:`GradientStore.fill`)."""
-        st = self.st
-        if self.batches == 0 and self.stored == 0:
-            raise ValueError("the dataloader yielded no batches: nothing to capture")
-        if self.mismatch is not None or self.batches < self.stored:
-            if self.rows_known and self.rows != st.n_stored and (self.complete or self.rows < st.n_stored):
-                what = f"the store holds {st.n_stored} rows, the data {self.rows}"
-            else:
-                what = self.mismatch or f"the store holds {self.stored} batches, the data {self.batches}"
-            state = "" if self.complete else " (an unfinished capture)"
-            raise StoreError(
-                f"{st.path}{state}: {what}; pass overwrite=True to recompute the store from this data, "
-                "or use another directory"
-            )
-        if len(self.repaired) > 1:
-            log.warning("%s: rewrote %d damaged shard(s): %s", st.path, len(self.repaired), ", ".join(self.repaired))
-
-
-def _batch_size(batch: Any, *, strict: bool = True) -> int | None:
-    """Rows of a batch (the first dimension of its first tensor); None (``strict=False``) or a
-    ValueError when the batch holds no tensor to tell."""
-    if isinstance(batch, Mapping):
-        for v in batch.values():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                return int(v.shape[0])
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return int(batch[0].shape[0])
-    if not strict:
-        return None
-    raise ValueError("cannot tell the batch size of a batch without tensors")

@@ -10,6 +10,7 @@ import torch
 from conftest import make_blocks
 
 from fastinf.gradients import store as store_mod
+from fastinf.gradients import store_format
 from fastinf.gradients.store import GradientStore
 
 DIMS = {"a.lora_A": 7, "a.lora_B": 5, "head": 3}
@@ -63,7 +64,7 @@ def test_sums_do_not_depend_on_the_shard_size(tmp_path):
 
 def test_sums_are_computed_a_few_rows_at_a_time(tmp_path, monkeypatch):
     """No float64 copy of a whole shard: at most _SQ_ELEMS elements are widened at a time."""
-    monkeypatch.setattr(store_mod, "_SQ_ELEMS", 8)  # one row of a 7-wide block at a time
+    monkeypatch.setattr(store_format, "_SQ_ELEMS", 8)  # one row of a 7-wide block at a time
     widened = []
     real = store_mod._sq_sum
 
@@ -92,7 +93,7 @@ def test_views_and_older_stores(tmp_path):
     assert monkey.block_sq_sums() is None
     # an older store: shards without the field (the format version is unchanged: the field is optional)
     man = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert man["format_version"] == store_mod.FORMAT_VERSION == 3
+    assert man["format_version"] == store_format.FORMAT_VERSION == 3
     del man["shards"][1]["sq_sums"]
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(man))
     old = GradientStore.open(tmp_path / "s")
@@ -151,9 +152,9 @@ def test_sums_do_not_depend_on_how_rows_are_grouped():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(301, 37, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, 37, dtype=torch.float64)
     x0 = x.clone()
-    whole = store_mod._sq_sum([x])
+    whole = store_format._sq_sum([x])
     assert torch.equal(x, x0), "the rows were modified (a float64 block is a view, not a copy)"
     for cuts in ([1, 300], [150, 151], [7] * 43):
         parts = list(torch.split(x, cuts))
-        assert store_mod._sq_sum(parts) == whole, cuts
+        assert store_format._sq_sum(parts) == whole, cuts
     assert whole == pytest.approx(float((x * x).sum()), rel=1e-14)
