@@ -57,3 +57,15 @@ def dense_inverse_scores(train, test, lam, groups):
 def auto_lambda(train, group, factor=0.1):
     tot = sum(float(train[k].double().pow(2).sum()) for k in group)
     return factor * tot / (train.n * sum(train.dims[k] for k in group))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The store tests' model and data: a tiny LoRA Llama and 4 right-padded batches (3, 3, 3, 1 examples)."""
+    pytest.importorskip("peft")
+    from test_collector import _llama, _lm_examples, _pad
+
+    model = _llama(torch.float32)
+    ex = _lm_examples(10, seed=3)
+    loader = [_pad(ex[i : i + 3], "right") for i in range(0, 10, 3)]
+    return model, loader

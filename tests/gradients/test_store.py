@@ -9,19 +9,11 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("safetensors")
 
-from test_collector import _llama, _lm_examples, _pad  # noqa: E402
+from test_collector import _llama  # noqa: E402
 
 import fastinf  # noqa: E402
 from fastinf.gradients import store as store_mod  # noqa: E402
 from fastinf.gradients.store import GradientStore, StoreError  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = _llama(torch.float32)
-    ex = _lm_examples(10, seed=3)
-    loader = [_pad(ex[i : i + 3], "right") for i in range(0, 10, 3)]  # 4 batches: 3, 3, 3, 1
-    return model, loader
 
 
 def _files(path: Path) -> dict[str, bytes]:

@@ -475,7 +475,8 @@ def _finish(result: ExperimentResult, first: dict, out: Path | None) -> Experime
     headers, rows = mislabel_table(result)
     text = [text_table(headers[:-1], [r[:-1] for r in rows])]
     text += [f"  {r[0]}: {r[-1]}" for r in rows if r[1] in ("skipped", "failed")]
-    text += ["", _intro(meta) + (" " + _seed_note(result) if _seed_note(result) else "")]
+    seed_note = _seed_note(result)
+    text += ["", _intro(meta) + (" " + seed_note if seed_note else "")]
     for title, h, r in _sweep_tables(sweeps):
         text += ["", title, text_table(h, r)]
     result.report_dir = out
@@ -498,7 +499,7 @@ def _finish(result: ExperimentResult, first: dict, out: Path | None) -> Experime
             _intro(meta),
             "",
             "AUC = roc_auc(is_flipped, influence on the mean test loss); positive = harmful; 0.5 = chance. "
-            + _seed_note(result)
+            + seed_note
             + "Correlations are with `exact` on the same (n,) scores.",
             "",
             *section(None, headers, rows),
