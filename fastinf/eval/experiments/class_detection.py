@@ -9,7 +9,6 @@ checkpoints and (opt-in) the BIF. The scoring and report steps (:func:`score_cla
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -349,8 +348,3 @@ def finish_report(result: ExperimentResult, out: Path | None) -> ExperimentResul
         text += ["", f"report: {out / 'report.md'}"]
     result.summary_text = "\n".join(text)
     return result
-
-
-def with_settings(settings: ClassDetectionSettings, **overrides: Any) -> ClassDetectionSettings:
-    """A copy of ``settings`` with ``overrides`` (None values ignored)."""
-    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
