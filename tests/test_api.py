@@ -14,7 +14,6 @@ API_MD = Path(__file__).resolve().parents[2] / "shared" / "design" / "API.md"
 # emptied as they land, and nothing here hides a name that exists).
 PLANNED = {
     "fastinf.select_damping": "issue 12 (label-free damping)",
-    "fastinf.eval.lds": "issue 12 (LDS with retraining)",
 }
 
 # Estimator and GradientSet members API.md promises (its code blocks name them on instances).

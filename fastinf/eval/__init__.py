@@ -1,6 +1,7 @@
 """Evaluation: metrics (METHODS.md §9), the papers' experiments on any data, and reports.
 
-* metrics: ``mislabel_auc``, ``detection_curve``, ``class_detection``, ``agreement``, ``roc_auc``;
+* metrics: ``mislabel_auc``, ``detection_curve``, ``class_detection``, ``agreement``, ``roc_auc``,
+  ``lds`` (the linear datamodeling score) and ``bootstrap_ci``;
 * experiments (:mod:`fastinf.eval.experiments`): ``mislabel_experiment``,
   ``class_detection_experiment``, ``diffusion_class_detection_experiment``, the synthetic
   ``synthetic_mislabel_experiment`` / ``mislabel_task``, and ``run_task`` for the named tasks;
@@ -24,7 +25,16 @@ from .experiments import (
     run_task,
     synthetic_mislabel_experiment,
 )
-from .metrics import agreement, class_detection, detection_curve, mislabel_auc, rank_average, roc_auc
+from .metrics import (
+    agreement,
+    bootstrap_ci,
+    class_detection,
+    detection_curve,
+    lds,
+    mislabel_auc,
+    rank_average,
+    roc_auc,
+)
 from .synthetic import SyntheticTask, mislabel_task
 
 __all__ = [
@@ -35,11 +45,13 @@ __all__ = [
     "MislabelSettings",
     "SyntheticTask",
     "agreement",
+    "bootstrap_ci",
     "class_detection",
     "class_detection_experiment",
     "detection_curve",
     "diffusion_class_detection_experiment",
     "failed_methods",
+    "lds",
     "mislabel_auc",
     "mislabel_demo",
     "mislabel_experiment",

@@ -18,7 +18,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["agreement", "class_detection", "detection_curve", "mislabel_auc", "rank_average", "roc_auc"]
+__all__ = [
+    "agreement",
+    "bootstrap_ci",
+    "class_detection",
+    "detection_curve",
+    "lds",
+    "mislabel_auc",
+    "rank_average",
+    "roc_auc",
+]
 
 
 # ----------------------------------------------------------------------------------- input checks
@@ -237,3 +246,112 @@ def agreement(scores: Any, reference: Any) -> dict[str, float]:
     if a.shape[0] < 2:
         raise ValueError("agreement: needs at least two values")
     return {"pearson": _pearson(a, b), "spearman": _pearson(rank_average(a), rank_average(b))}
+
+
+# ----------------------------------------------------------------------------------- LDS
+def _column_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of a[:, j] with b[:, j] for every column j (nan where either is constant)."""
+    out = np.full(a.shape[1], np.nan)
+    for j in range(a.shape[1]):
+        ra, rb = rank_average(a[:, j]), rank_average(b[:, j])
+        ra -= ra.mean()
+        rb -= rb.mean()
+        den = math.sqrt(float(ra @ ra) * float(rb @ rb))
+        if den > 0.0:
+            out[j] = float(np.clip((ra @ rb) / den, -1.0, 1.0))
+    return out
+
+
+def lds(scores: Any, subsets: Any, losses: Any) -> tuple[float, np.ndarray]:
+    """Linear datamodeling score (METHODS.md §9) of influence ``scores`` against retrained models.
+
+    For test example j, the Spearman correlation over the S subsets between the predicted effect
+    Σ_{i ∈ subset s} scores[j, i] and the measured test loss ``losses[s, j]`` of the model retrained
+    on subset s; LDS = the mean over j. Positive = harmful, so a good method has a positive LDS.
+
+    Args:
+        scores: (m, n) influence of training example i on test example j; or (n,) aggregated
+            scores (the influence on the mean test loss), compared with ``losses`` (S,) or, when
+            ``losses`` is (S, m), with its mean over the test examples (the mean test loss).
+        subsets: (S, n) booleans (or 0/1): subsets[s, i] = training example i was in subset s.
+        losses: (S, m) test losses of the retrained models (or (S,) with (n,) scores).
+
+    Returns:
+        ``(mean, per_test)``: per_test holds one correlation per test example ((1,) for (n,) scores);
+        a test example whose losses or predictions are constant over the subsets has no rank
+        correlation: it is nan in per_test, left out of the mean, and a warning says how many.
+        The mean is nan (with the warning) when every test example is left out.
+
+    Raises:
+        ValueError: shapes that do not match, fewer than 3 subsets, non-finite values, or subsets
+            that are not booleans.
+    """
+    sc = _scores(scores, "scores", ndim=None)
+    if sc.ndim not in (1, 2):
+        raise ValueError(f"lds: scores must be (m, n) or (n,), got shape {sc.shape}")
+    sub = _to_numpy(subsets, "subsets")
+    if sub.ndim != 2:
+        raise ValueError(f"lds: subsets must be (S, n) booleans, got shape {sub.shape}")
+    if sub.dtype != np.bool_:
+        if not np.issubdtype(sub.dtype, np.number) or not np.isin(np.unique(sub), [0, 1]).all():
+            raise ValueError(f"lds: subsets must be booleans or 0/1, got dtype {sub.dtype}")
+    n = sc.shape[-1]
+    if sub.shape[1] != n:
+        raise ValueError(
+            f"lds: subsets {sub.shape} cover {sub.shape[1]} training examples but scores {sc.shape} have {n}"
+        )
+    S = sub.shape[0]
+    if S < 3:
+        raise ValueError(f"lds: needs at least 3 subsets for a rank correlation, got subsets {sub.shape}")
+    L = _scores(losses, "losses", ndim=None)
+    if sc.ndim == 1:
+        if L.ndim == 2:
+            L = L.mean(axis=1)
+        if L.shape != (S,):
+            raise ValueError(f"lds: with scores {sc.shape}, losses must be ({S},) or ({S}, m), got {L.shape}")
+        L, sc = L[:, None], sc[None, :]
+    elif L.shape != (S, sc.shape[0]):
+        want = (S, sc.shape[0])
+        raise ValueError(f"lds: with scores {sc.shape} and subsets {sub.shape}, losses must be {want}, got {L.shape}")
+    pred = sub.astype(np.float64) @ sc.T  # (S, m): Σ_{i ∈ s} I(i, j)
+    per_test = _column_spearman(pred, L)
+    bad = int(np.isnan(per_test).sum())
+    if bad:
+        warnings.warn(
+            f"lds: {bad} of {per_test.shape[0]} test example(s) have constant losses or predictions over the "
+            f"{S} subsets; left out of the mean",
+            stacklevel=2,
+        )
+    mean = float(np.nanmean(per_test)) if bad < per_test.shape[0] else float("nan")
+    return mean, per_test
+
+
+def bootstrap_ci(values: Any, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of ``values`` (1-D; nan entries dropped).
+
+    Resamples the values with replacement ``n_boot`` times (``numpy.random.default_rng(seed)``, so
+    the same call gives the same interval) and returns the ((1 − level)/2, (1 + level)/2) quantiles
+    of the resampled means. For LDS, pass ``per_test`` (an interval over test examples; it does not
+    include the noise of the retrained models' subsets); for a paired comparison of two methods,
+    pass the difference of their per-test values.
+
+    Raises:
+        ValueError: no finite value, ``values`` not 1-D, ``level`` outside (0, 1) or ``n_boot`` < 1.
+    """
+    a = _to_numpy(values, "values").astype(np.float64)
+    if a.ndim != 1:
+        raise ValueError(f"bootstrap_ci: values must be 1-D, got shape {a.shape}")
+    a = a[~np.isnan(a)]
+    if a.size == 0:
+        raise ValueError("bootstrap_ci: no finite values")
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"bootstrap_ci: n_boot must be a positive int, got {n_boot!r}")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for start in range(0, n_boot, 256):  # bounded memory: 256 resamples at a time
+        k = min(256, n_boot - start)
+        means[start : start + k] = a[rng.integers(0, a.size, (k, a.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
