@@ -8,6 +8,7 @@ the training example, so positive = harmful, negative = helpful (METHODS.md §0)
 from . import ops
 from .estimators import (
     BIF,
+    LABEL_FREE_RULE,
     DataInf,
     DiagonalFisher,
     Estimator,
@@ -22,6 +23,7 @@ from .estimators import (
     get_estimator,
     influence,
     method_info,
+    select_damping,
 )
 from .gradients import GradientSet, GradientStore, LoRAGradientCollector
 from .traces import LossTrace, checkpoint_gram, loss_table, sample_posterior_traces
@@ -29,6 +31,7 @@ from .version import __version__
 
 __all__ = [
     "BIF",
+    "LABEL_FREE_RULE",
     "LossTrace",
     "sample_posterior_traces",
     "Z0Inf",
@@ -52,4 +55,5 @@ __all__ = [
     "get_estimator",
     "influence",
     "ops",
+    "select_damping",
 ]

@@ -12,6 +12,7 @@ from .base import (
     method_info,
 )
 from .bif import BIF
+from .damping import LABEL_FREE_RULE, select_damping
 from .datainf import DataInf
 from .exact import Exact
 from .lissa import LiSSA
@@ -22,6 +23,7 @@ from .z0inf import Z0Inf
 
 __all__ = [
     "BIF",
+    "LABEL_FREE_RULE",
     "BaseEstimator",
     "MethodInfo",
     "TraceEstimator",
@@ -39,4 +41,5 @@ __all__ = [
     "available_methods",
     "get_estimator",
     "influence",
+    "select_damping",
 ]

@@ -38,6 +38,7 @@ import torch
 from ..distributed import all_gather_objects, all_reduce_sum, gather_cat, is_distributed, rank, split_range, world_size
 from ..gradients.gradient_set import GradientSet, align_test
 from ..gradients.store import GradientStore, check_same_model
+from .damping import check_dict_damping, estimator_lambda
 from .options import EstimatorOptions
 from .registry import INPUT_KINDS, MethodInfo, available_methods, get_estimator, influence, method_info, register
 
@@ -223,6 +224,8 @@ class Estimator(BaseEstimator):
     # False: the 'auto' rule may give λ = 0 without an error (a method that does not divide by λ)
     requires_positive_damping: ClassVar[bool] = True
     default_dtype: ClassVar[torch.dtype | None] = None  # None: input promoted to float32
+    # the rule damping="auto" resolves to (METHODS.md §0, §10): (rule, options) of .damping.check_rule
+    default_damping: ClassVar[tuple[str, dict[str, float]]] = ("paper", {})
     # False: keep in-memory training gradients in their own dtype (≥ float32) and cast one row chunk at a
     # time to the compute dtype (Exact's float64 solve would otherwise double the memory of the whole set)
     cast_storage: ClassVar[bool] = True
@@ -240,6 +243,7 @@ class Estimator(BaseEstimator):
         self._stats: dict[str, int] = {"passes": 0, "rows": 0}
         self._shared_stats: dict[str, int] | None = None  # set by a wrapping estimator (RRInfFixedPoint)
         self._row_scale: dict[str, torch.Tensor] | None = None  # per-coordinate scaling of every chunk read
+        self._lam_cache: dict[tuple[str, ...], float] = {}  # damping_for's λ per block group, until the next fit
 
     # ------------------------------------------------------------------------- fitting
     def fit(self, train: GradientSet | torch.Tensor) -> Estimator:
@@ -278,6 +282,9 @@ class Estimator(BaseEstimator):
         self._stats = self._shared_stats if self._shared_stats is not None else {"passes": 0, "rows": 0}
         self._sq_sums: dict[str, float] | None = recorded
         self._col_sq: dict[str, torch.Tensor] | None = None
+        self._lam_cache: dict[tuple[str, ...], float] = {}
+        if self.uses_damping:
+            check_dict_damping(self.options.damping, self.train_.names, self.block_groups(), type(self).__name__)
         self._fit()
         return self
 
@@ -319,21 +326,22 @@ class Estimator(BaseEstimator):
         return self._stats["rows"]
 
     def _zero_damping_error(self) -> ValueError:
-        """The error of ``damping="auto"`` on all-zero training gradients: every zero block, or their
-        count and the first three when there are more than five."""
+        """The error of a damping rule (``"auto"``, ``"paper"``, ``"mean_eig"``, ``"dof"``) that gives λ = 0 on
+        all-zero training gradients: every zero block, or their count and the first three when there are more
+        than five."""
         train = self._check_fitted()
         sums = self.block_sq_sums()
         zero = [k for k in train.names if not sums[k] > 0]
         if not zero:  # not exactly zero: the mean square underflowed in the compute dtype
             return ValueError(
-                f"{type(self).__name__}: damping='auto' gives λ = 0 because the training gradients' mean square "
-                f"underflows to 0 in {self.compute_dtype_}; pass an explicit damping (a positive float) or "
-                "dtype=torch.float64"
+                f"{type(self).__name__}: damping={self.options.damping!r} gives λ = 0 because the training "
+                f"gradients' mean square underflows to 0 in {self.compute_dtype_}; pass an explicit damping "
+                "(a positive float) or dtype=torch.float64"
             )
         shown = ", ".join(repr(k) for k in zero[: 5 if len(zero) <= 5 else 3])
         listing = f"({shown})" if len(zero) <= 5 else f"(e.g. {shown})"
         return ValueError(
-            f"{type(self).__name__}: damping='auto' gives λ = 0 because the training gradients of "
+            f"{type(self).__name__}: damping={self.options.damping!r} gives λ = 0 because the training gradients of "
             f"{len(zero)} of {len(train.names)} blocks {listing} are all zero; pass an explicit damping "
             "(a positive float)"
         )
@@ -469,19 +477,18 @@ class Estimator(BaseEstimator):
         names = self._check_fitted().names
         return [[k] for k in names] if self.options.blockwise else [names]
 
-    def damping_for(self, group: list[str]) -> float:
-        """Absolute λ of a block group: the explicit float, or factor × mean squared entry (one pass over
-        the training gradients unless an earlier pass already summed the squares)."""
-        if not isinstance(self.options.damping, str):
-            return self.options.damping
-        train = self._check_fitted()
-        sums = self.block_sq_sums()
-        tot = sum(sums[k] for k in group)
-        width = sum(train.dims[k] for k in group)
-        lam = self.options.damping_factor * tot / (train.n * width)
-        if not lam > 0 and self.requires_positive_damping:
-            raise self._zero_damping_error()
-        return lam
+    def damping_for(self, group: list[str], eigvals: Any = None) -> float:
+        """Absolute λ of a block group: the explicit float, the dict's entry (per-block groups), or the rule
+        ``damping`` resolves to (:meth:`EstimatorOptions.damping_rule`; ``"auto"`` is the class's
+        ``default_damping``) computed from the training gradients: the papers' rule and ``"mean_eig"`` from
+        the per-block sums of squares (one pass unless an earlier pass summed them), ``"dof"`` from the
+        group's eigenvalues (``eigvals``: a callable returning the eigenvalues of G restricted to the group,
+        when the method already holds that matrix; else one streamed Gram). Cached until the next ``fit``.
+        See :func:`.damping.estimator_lambda`."""
+        key = tuple(group)
+        if key not in self._lam_cache:
+            self._lam_cache[key] = estimator_lambda(self, group, eigvals)
+        return self._lam_cache[key]
 
     @property
     def lambdas_(self) -> dict[str, float]:

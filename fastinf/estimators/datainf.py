@@ -83,20 +83,14 @@ class DataInf(Estimator):
 
     def _fit(self) -> None:
         self.groups_ = self.block_groups()
-        self.lam_ = {tuple(g): self.options.damping for g in self.groups_}  # 'auto' is filled in below
         if self.options.form == "gram" and (self._train_store is not None or self.distributed_):
             raise ValueError(
                 "DataInf: form='gram' needs every training gradient in memory on one process (an n×n Gram); "
                 "use form='streaming' (or 'auto') for a GradientStore or a distributed run"
             )
-        if self.options.damping == "auto":
-            sums = self.block_sq_sums()  # one pass, or none when the training store recorded them
-            for g in self.groups_:
-                width = sum(self.train_.dims[k] for k in g)
-                lam = self.options.damping_factor * sum(sums[k] for k in g) / (self.n_ * width)
-                if not lam > 0:
-                    raise self._zero_damping_error()
-                self.lam_[tuple(g)] = lam
+        # an explicit λ costs nothing; a rule takes the sums of squares (one pass, none on a store that
+        # recorded them; 'dof' also a streamed Gram) before the accumulation can start
+        self.lam_ = {tuple(g): self.damping_for(g) for g in self.groups_}
 
     @property
     def lambdas_(self) -> dict[str, float]:

@@ -146,13 +146,13 @@ class Exact(Estimator):
             for g in dgroups:
                 Hg = all_reduce_sum(H.pop(tuple(g))) if self.distributed_ else H.pop(tuple(g))
                 Hg.div_(n)
-                lam = self.damping_for(g)
+                lam = self.damping_for(g, eigvals=lambda Hg=Hg: torch.linalg.eigvalsh(Hg.double()))
                 Hg.diagonal().add_(lam)
                 self.factors_[tuple(g)] = (SPDFactor(Hg, lam), lam)
         for g in self.block_groups():
             if self.solves_[tuple(g)] == "n":
                 A = self._gram_rows(g, 0, n)
-                lam = self.damping_for(g)
+                lam = self.damping_for(g, eigvals=lambda A=A: torch.linalg.eigvalsh(A.double()) / n)
                 A.diagonal().add_(n * lam)
                 self.factors_[tuple(g)] = (SPDFactor(A, n * lam), lam)
 

@@ -4,10 +4,66 @@ that every method's own options extend)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .damping import ESTIMATOR_RULES, PAPER_C, check_rule
+
+_BAD_DAMPING = "damping must be 'auto' or a positive finite float, got {!r}"
+_GCV_AT_FIT = (
+    "damping='gcv' needs the test gradients, which fit does not see: choose λ with "
+    "fastinf.select_damping(train, test, rule='gcv') (blockwise=True for a dict) and pass it as damping="
+)
+
+
+def _positive(x: Any) -> bool:
+    return not isinstance(x, (bool, str)) and isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def check_damping(d: Any) -> float | str | tuple[str, dict[str, float]] | dict[str, float]:
+    """The ``damping`` option validated and normalised: ``"auto"``; a rule name (``"paper"``,
+    ``"mean_eig"``, ``"dof"``) or a ``(rule, options)`` pair such as
+    :data:`~fastinf.estimators.damping.LABEL_FREE_RULE`, resolved at fit from the training gradients; a
+    positive finite float; or a dict block → positive finite λ (per-block preconditioners only; its block
+    names are checked at fit).
+
+    ``"gcv"`` is refused: it needs the test gradients, which ``fit`` does not see — the message says to call
+    :func:`fastinf.select_damping` and pass the λ it returns.
+
+    Raises:
+        ValueError: one line naming the problem.
+    """
+    if isinstance(d, str):
+        if d == "auto" or d in ESTIMATOR_RULES:
+            return d
+        if d == "gcv":
+            raise ValueError(_GCV_AT_FIT)
+        rules = ", ".join(repr(r) for r in ESTIMATOR_RULES)
+        raise ValueError(_BAD_DAMPING.format(d) + f" (or a rule: {rules}; a (rule, options) pair; a dict block→λ)")
+    if isinstance(d, tuple) and len(d) == 2 and isinstance(d[0], str) and (d[1] is None or isinstance(d[1], Mapping)):
+        if d[0] == "gcv":
+            raise ValueError(_GCV_AT_FIT)
+        try:
+            return check_rule(d[0], d[1])
+        except ValueError as e:
+            raise ValueError(f"damping: {e}") from None
+    if isinstance(d, Mapping):
+        if not d:
+            raise ValueError("damping: an empty dict names no block")
+        out = {}
+        for k, v in d.items():
+            if not isinstance(k, str):
+                raise ValueError(f"damping: a dict's keys must be block names (str), got {k!r}")
+            if not _positive(v):
+                raise ValueError(f"damping[{k!r}] must be a positive finite float, got {v!r}")
+            out[k] = float(v)
+        return out
+    if not _positive(d):
+        raise ValueError(_BAD_DAMPING.format(d))
+    return float(d)
 
 
 def _as_dtype(x: Any, fieldname: str) -> torch.dtype | None:
@@ -24,8 +80,13 @@ def _as_dtype(x: Any, fieldname: str) -> torch.dtype | None:
 class EstimatorOptions:
     """Options shared by the gradient-based estimators.
 
-    ``damping`` follows one rule for every gradient method: ``"auto"`` or a positive finite float
-    (λ = 0 would divide by zero in every method that uses it). Methods that do not use damping
+    ``damping`` follows one rule for every gradient method (see :func:`check_damping`): ``"auto"`` (the
+    method's default rule, ``default_damping`` on its class: the papers' rule unless stated), a rule
+    resolved at fit (``"paper"``, ``"mean_eig"``, ``"dof"``, or ``(rule, options)`` such as
+    ``LABEL_FREE_RULE``), a positive finite float (λ = 0 would divide by zero in every method that uses
+    it), or a dict block → λ for per-block preconditioners. ``damping_factor`` is the coefficient of the
+    papers' rule; giving it explicitly with ``damping="auto"`` selects the papers' rule, so that code written
+    for the papers' λ (the compat engines, damping sweeps) keeps it exactly. Methods that do not use damping
     (``hessian_free``; see ``method_info(name).uses_damping``) validate it by the same rule and then
     ignore it, so that one set of options can be passed to every method.
 
@@ -37,11 +98,18 @@ class EstimatorOptions:
     damping: float | str = field(
         default="auto",
         metadata={
-            "help": "'auto' = damping_factor × mean squared gradient entry (METHODS.md §0), or an absolute λ > 0; "
+            "help": "'auto' (the method's default rule), a rule 'paper' | 'mean_eig' | 'dof' or (rule, options) "
+            "resolved at fit (METHODS.md §0, §10), an absolute λ > 0, or a dict block→λ (blockwise); "
             "validated but ignored by methods that do not use damping (hessian_free)"
         },
     )
-    damping_factor: float = field(default=0.1, metadata={"help": "coefficient of the 'auto' rule (0.1 in both papers)"})
+    damping_factor: float | None = field(
+        default=None,
+        metadata={
+            "help": "coefficient c of the papers' rule λ = c × mean squared entry (default 0.1, as in both papers); "
+            "given explicitly, damping='auto' means the papers' rule; ignored by the other rules"
+        },
+    )
     blockwise: bool = field(default=False, metadata={"help": "per-block (True) or global (False) preconditioner"})
     dtype: Any = field(default=None, metadata={"help": "compute dtype; default: input dtype promoted to float32"})
     device: Any = field(default=None, metadata={"help": "compute device; default: the training gradients' device"})
@@ -76,13 +144,11 @@ class EstimatorOptions:
     )
 
     def __post_init__(self) -> None:
-        if self.damping != "auto":
-            d = self.damping
-            ok = not isinstance(d, (bool, str)) and isinstance(d, (int, float)) and math.isfinite(d) and d > 0
-            if not ok:
-                raise ValueError(f"damping must be 'auto' or a positive finite float, got {d!r}")
-            self.damping = float(d)
-        if not (isinstance(self.damping_factor, (int, float)) and self.damping_factor > 0):
+        self.damping = check_damping(self.damping)
+        self._factor_given = self.damping_factor is not None
+        if self.damping_factor is None:
+            self.damping_factor = PAPER_C
+        if not (_positive(self.damping_factor)):
             raise ValueError(f"damping_factor must be > 0, got {self.damping_factor!r}")
         self.dtype = _as_dtype(self.dtype, "dtype")
         if self.device is not None:
@@ -98,3 +164,21 @@ class EstimatorOptions:
             raise ValueError(f"memory_budget must be a positive int (bytes), got {mb!r}")
         if not (self.distributed == "auto" or isinstance(self.distributed, bool)):
             raise ValueError(f"distributed must be 'auto', True or False, got {self.distributed!r}")
+
+    def damping_rule(self, default: tuple[str, Mapping[str, float]]) -> tuple[str, dict[str, float]] | None:
+        """The rule ``damping`` resolves to at fit, ``(rule, options)`` with its constants, or None for an
+        explicit λ (float or dict). ``"auto"`` is ``default`` (the method's), except that an explicitly given
+        ``damping_factor`` selects the papers' rule; the papers' rule takes ``damping_factor`` as its c unless
+        a ``("paper", {"c": ...})`` pair says otherwise."""
+        d = self.damping
+        if not isinstance(d, (str, tuple)):
+            return None
+        if d == "auto":
+            rule, opts = ("paper", {}) if self._factor_given else default
+        elif isinstance(d, str):
+            rule, opts = d, {}
+        else:
+            rule, opts = d
+        if rule == "paper" and "c" not in opts:
+            opts = {**opts, "c": self.damping_factor}
+        return check_rule(rule, opts)
