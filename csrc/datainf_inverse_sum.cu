@@ -4,8 +4,13 @@
 //   pass 1 (coef):  P = T G^T (m x n, float32), split over the width d so that small m x n still fills the
 //                   GPU (deterministic: one float32 slice per split, summed afterwards), plus |g_i|^2 from the
 //                   same G tiles;
-//   pass 2 (apply): H = (T - (P * cinv) G) / lam with cinv_i = 1 / ((lam + |g_i|^2) n), the coefficients
-//                   formed on the fly while the C tile is staged in shared memory; the epilogue reads T once.
+//   pass 2 (apply): H = T / lam - (C G) / (n lam), C_ji = P_ji cinv_i rscale_j formed in float32 on the fly
+//                   while the C tile is staged in shared memory (cinv_i = 1 / (lam + |g_i|^2); rscale_j a power
+//                   of two putting row j's largest |C| in [0.5, 1)); for 16-bit inputs C is staged as hi + lo in
+//                   the input type (two tensor-core products: ~16 / 22 significant bits instead of 8 / 11), so
+//                   near-collinear gradients keep the cancellation T - C G / n. 1/n, 1/lam and 1/rscale are
+//                   applied in the float32 epilogue (never folded into C: fp16 would reach subnormals); the
+//                   epilogue reads T once. (Emulated in float64 by fastinf/kernels/_emulate.py.)
 // Blocks that share a tile of G are adjacent in launch order (m tiles vary fastest), so each G tile is read
 // from device memory once per pass and served from L2 to the other m tiles. The only m x n intermediate is P,
 // m n 4 bytes (9 MB at m = 512, n = 4500), against n d 2 bytes of G (590 MB at d = 65k): a single pass would
@@ -33,11 +38,13 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(128) T gs[kBN * LD];
   __shared__ __align__(128) float out[kBM * LDO];
 
-  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN, z = blockIdx.z;
+  const int mt = (m + kBM - 1) / kBM;  // m tiles vary fastest: blocks sharing a G tile are adjacent
+  const int m0 = static_cast<int>(blockIdx.x % mt) * kBM, n0 = static_cast<int>(blockIdx.x / mt) * kBN;
+  const int z = blockIdx.z;
   const int64_t k_lo = static_cast<int64_t>(z) * d_per_split;
   const int64_t k_hi = min(d, k_lo + d_per_split);
   const int warp = threadIdx.x >> 5, wr = warp >> 1, wc = warp & 1;
-  const bool do_nsq = NSQ && blockIdx.x == 0;  // uniform per block
+  const bool do_nsq = NSQ && m0 == 0;  // uniform per block
   const int nrow = threadIdx.x >> 1, nhalf = threadIdx.x & 1;
   float sq = 0.f;
 
@@ -96,8 +103,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     datainf_apply_kernel(const T* __restrict__ Tm, const T* __restrict__ G, const float* __restrict__ P,
-                         const float* __restrict__ cinv, float* __restrict__ H, int m, int n, int64_t d, float inv_lam,
-                         bool accumulate, bool vec) {
+                         const float* __restrict__ cinv, const float* __restrict__ rscale,
+                         const float* __restrict__ out_scale, float* __restrict__ H, int m, int n, int64_t d,
+                         float inv_lam, bool accumulate, bool vec) {
 #if FASTINF_OLD_ARCH
   __trap();
 #else
@@ -105,12 +113,15 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int LDA = kAK + kPad<T>;  // C tile [kAM][LDA]
   constexpr int LDB = kAD + kPad<T>;  // G tile [kAK][LDB]
   constexpr int LDO = kAD + 4;
+  constexpr bool kSplit = !std::is_same<T, float>::value;  // float32: 3xTF32 on the float32 C instead
   __shared__ __align__(128) T cs[kAM * LDA];
+  __shared__ __align__(128) T cl[kSplit ? kAM * LDA : 8];
   __shared__ __align__(128) T gs[kAK * LDB];
   __shared__ __align__(128) float out[kAM * LDO];
 
-  const int m0 = blockIdx.x * kAM;
-  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kAD;
+  const int64_t mt = (m + kAM - 1) / kAM;  // m tiles vary fastest: blocks sharing a G tile are adjacent
+  const int m0 = static_cast<int>(blockIdx.x % mt) * kAM;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.x / mt) * kAD;
   const int dvalid = static_cast<int>(min(static_cast<int64_t>(kAD), d - d0));
   const int warp = threadIdx.x >> 5, wr = warp >> 1, wc = warp & 1;
 
@@ -122,11 +133,13 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int k0 = 0; k0 < n; k0 += kAK) {
     const int kv = min(kAK, n - k0);
-    for (int e = threadIdx.x; e < kAM * kAK; e += kThreads) {  // C_jk = P[j][k] * cinv[k], coalesced along k
+    for (int e = threadIdx.x; e < kAM * kAK; e += kThreads) {  // C_jk = P[j][k] cinv[k] rscale[j], along k
       const int j = e / kAK, k = e % kAK;
       float v = 0.f;
-      if (m0 + j < m && k < kv) v = P[static_cast<int64_t>(m0 + j) * n + k0 + k] * cinv[k0 + k];
-      cs[j * LDA + k] = from_float<T>(v);
+      if (m0 + j < m && k < kv) v = P[static_cast<int64_t>(m0 + j) * n + k0 + k] * cinv[k0 + k] * rscale[m0 + j];
+      const T hi = from_float<T>(v);
+      cs[j * LDA + k] = hi;
+      if constexpr (kSplit) cl[j * LDA + k] = from_float<T>(v - to_float<T>(hi));
     }
     load_tile<T, T, kAK, kAD, kThreads>(gs, LDB, G + static_cast<int64_t>(k0) * d + d0, d, kv, dvalid, vec);
     __syncthreads();
@@ -142,6 +155,14 @@ __global__ void __launch_bounds__(kThreads)
       for (int a = 0; a < 2; ++a)
 #pragma unroll
         for (int b = 0; b < 2; ++b) M::mma(acc[a][b], fa[a], fb[b]);
+      if constexpr (kSplit) {  // + lo * G
+#pragma unroll
+        for (int a = 0; a < 2; ++a) fa[a].load(cl + (wr * 32 + a * 16) * LDA + kk, LDA);
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+          for (int b = 0; b < 2; ++b) M::mma(acc[a][b], fa[a], fb[b]);
+      }
     }
     __syncthreads();
   }
@@ -156,8 +177,8 @@ __global__ void __launch_bounds__(kThreads)
     const int row = e / kAD, col = e % kAD;
     if (m0 + row < m && col < dvalid) {
       const int64_t idx = static_cast<int64_t>(m0 + row) * d + d0 + col;
-      const float s = out[row * LDO + col];
-      H[idx] = accumulate ? H[idx] - s * inv_lam : (to_float<T>(Tm[idx]) - s) * inv_lam;
+      const float s = out[row * LDO + col] * out_scale[m0 + row];
+      H[idx] = accumulate ? H[idx] - s : to_float<T>(Tm[idx]) * inv_lam - s;
     }
   }
 #endif
@@ -181,13 +202,13 @@ void datainf_coef_launch(DType dt, const void* T, const void* G, float* P_part, 
                          int64_t n, int64_t d, int64_t split, int64_t d_per_split, cudaStream_t stream) {
   if (m == 0 || n == 0) return;
   FASTINF_CHECK(m < (int64_t{1} << 31) && n < (int64_t{1} << 31), "datainf_inverse_sum: m and n must fit in 32 bits");
-  FASTINF_CHECK(ceil_div(n, kBN) <= 65535 && split <= 65535, "datainf_inverse_sum: too many rows of G for one call");
+  FASTINF_CHECK(ceil_div(m, kBM) * ceil_div(n, kBN) < (int64_t{1} << 31) && split <= 65535,
+                "datainf_inverse_sum: too many tiles for one call");
   FASTINF_CHECK(d_per_split % kBK == 0, "datainf_inverse_sum: d_per_split must be a multiple of ", kBK);
   dispatch_dtype(dt, [&](auto tag) {
     using E = decltype(tag);
     const bool vec = aligned16(T) && aligned16(G) && (d * static_cast<int64_t>(sizeof(E))) % 16 == 0;
-    const dim3 grid(static_cast<unsigned>(ceil_div(m, kBM)), static_cast<unsigned>(ceil_div(n, kBN)),
-                    static_cast<unsigned>(split));
+    const dim3 grid(static_cast<unsigned>(ceil_div(m, kBM) * ceil_div(n, kBN)), 1, static_cast<unsigned>(split));
     if (nsq_part != nullptr) {
       datainf_coef_kernel<E, true><<<grid, kThreads, 0, stream>>>(
           static_cast<const E*>(T), static_cast<const E*>(G), P_part, nsq_part, static_cast<int>(m),
@@ -201,18 +222,19 @@ void datainf_coef_launch(DType dt, const void* T, const void* G, float* P_part, 
   });
 }
 
-void datainf_apply_launch(DType dt, const void* T, const void* G, const float* P, const float* cinv, float* H,
-                          int64_t m, int64_t n, int64_t d, float inv_lam, bool accumulate, cudaStream_t stream) {
+void datainf_apply_launch(DType dt, const void* T, const void* G, const float* P, const float* cinv,
+                          const float* rscale, const float* out_scale, float* H, int64_t m, int64_t n, int64_t d,
+                          float inv_lam, bool accumulate, cudaStream_t stream) {
   if (m == 0 || d == 0) return;
   FASTINF_CHECK(m < (int64_t{1} << 31) && n < (int64_t{1} << 31), "datainf_inverse_sum: m and n must fit in 32 bits");
-  FASTINF_CHECK(ceil_div(d, kAD) <= 65535, "datainf_inverse_sum: width d = ", d, " exceeds ", 65535 * kAD);
+  FASTINF_CHECK(ceil_div(m, kAM) * ceil_div(d, kAD) < (int64_t{1} << 31), "datainf_inverse_sum: too many tiles");
   dispatch_dtype(dt, [&](auto tag) {
     using E = decltype(tag);
     const bool vec = aligned16(G) && (d * static_cast<int64_t>(sizeof(E))) % 16 == 0;
-    const dim3 grid(static_cast<unsigned>(ceil_div(m, kAM)), static_cast<unsigned>(ceil_div(d, kAD)));
-    datainf_apply_kernel<E><<<grid, kThreads, 0, stream>>>(
-        static_cast<const E*>(T), static_cast<const E*>(G), P, cinv, H, static_cast<int>(m), static_cast<int>(n), d,
-        inv_lam, accumulate, vec);
+    const dim3 grid(static_cast<unsigned>(ceil_div(m, kAM) * ceil_div(d, kAD)));
+    datainf_apply_kernel<E><<<grid, kThreads, 0, stream>>>(static_cast<const E*>(T), static_cast<const E*>(G), P, cinv,
+                                                           rscale, out_scale, H, static_cast<int>(m),
+                                                           static_cast<int>(n), d, inv_lam, accumulate, vec);
     FASTINF_LAUNCH_CHECK();
   });
 }

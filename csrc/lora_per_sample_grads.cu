@@ -1,162 +1,251 @@
-// Per-example LoRA gradients in one kernel launch (METHODS.md, fastinf/ops/lora_per_sample_grads.py):
-//   gB_i = scale sum_s m_is dy_is (A x_is)^T   (d_out, r)
-//   gA_i = scale sum_s m_is (B^T dy_is) x_is^T (r, d_in)
-//
-// One block per (chunk of kCS rows of example i, tile of kR ranks). Phase 1 streams the chunk's x and dy
-// tiles through shared memory and forms u = x A^T and v = dy B (kCS x kR, float32 accumulation) on the tensor
-// cores, then folds scale and the mask into u and v and keeps them in shared memory. Phase 2 streams the
-// same tiles again and writes the chunk's partial gB = dy^T u and gA = v^T x straight to its own slot of the
-// output (no atomics: the chunk partials are summed afterwards, so results are deterministic). Nothing but
-// x, dy, A, B and the outputs touches global memory: no float32 copies of the inputs, no masked copy of dy,
-// no u/v round trip. The second read of a tile usually hits L2 (the chunk was read just before).
+// Per-example LoRA gradients, reading x and dy once each (METHODS.md, fastinf/ops/lora_per_sample_grads.py):
+//   gB_i = scale sum_s m_is dy_is u_is^T   (d_out, r)        u = A x (the capture hook's lora_A output)
+//   gA_i = scale sum_s m_is v_is x_is^T    (r, d_in)         v = B^T dy
+// The same plan as fastinf/kernels/lora_per_sample_grads.py, two launches:
+//   lora_dy_kernel: one block per (example i, kBD columns of d_out, rank tile, split of S). It streams its dy
+//     tile over S once (kCS rows per step, through shared memory) and forms on the tensor cores both gB's tile
+//     (dy^T u_op, accumulated over S in registers) and the tile's piece of v = dy B (written to a float32
+//     (N, ceil(d_out/kBD), S, r) buffer that the host sums in a fixed order).
+//   lora_x_kernel: one block per (example i, kBD columns of d_in, rank tile, split of S) streams its x tile over
+//     S once and accumulates gA's tile = v_op^T x.
+// u_op and v_op are u*w and v*w (w = scale * mask) scaled per example by an exact power of two and rounded to
+// the input type by the host glue (fastinf/kernels/_common.py); the epilogue multiplies the power back.
+// Ranks up to kR = 64 sit in one tile (x and dy read once); larger ranks are tiled on the grid (inputs read
+// ceil(r / 64) times; the Triton kernel keeps any rank in one tile). S is split only to fill the GPU (the
+// split count depends on N and the tiles, not on S; partials summed afterwards: deterministic, no atomics).
+// Every block index is on grid axis x (N is not limited to 65535).
 #include "common.cuh"
 
 namespace fastinf {
 namespace {
 
 constexpr int kThreads = 128;  // 4 warps
-constexpr int kCS = 64;        // rows of one chunk: 4 warps x 16
-constexpr int kR = 16;         // ranks per block: one WMMA tile
+constexpr int kCS = 32;        // rows of S per step
 constexpr int kBD = 64;        // width of one d tile: 4 warps x 16
+constexpr int kLDS = 16 + 4;   // per-warp float staging: [16][kLDS]
 
-template <typename T>
+template <typename T, int kR>
 __global__ void __launch_bounds__(kThreads)
-    lora_per_sample_grads_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ A,
-                                 const T* __restrict__ B, const float* __restrict__ mask, float* __restrict__ pA,
-                                 float* __restrict__ pB, int S, int din, int dout, int r, float scale, bool vec_x,
-                                 bool vec_dy, bool vec_a, bool vec_b) {
+    lora_dy_kernel(const T* __restrict__ dy, const T* __restrict__ u, const T* __restrict__ B,
+                   const float* __restrict__ eu, float* __restrict__ pB, float* __restrict__ vp, int S, int dout,
+                   int r, int n_tiles, int n_rtiles, int n_splits, int s_per, bool vec_dy, bool vec_u, bool vec_b) {
 #if FASTINF_OLD_ARCH
   __trap();
 #else
   using M = Mma<T>;
-  constexpr int LD = kBD + kPad<T>;   // x / dy tile: [kCS][LD]; A tile: [kR][LD]
-  constexpr int LDR = kR + kPad<T>;   // u, v: [kCS][LDR]; B tile: [kBD][LDR]
-  constexpr int LDS = 16 + 4;         // per-warp float staging: [16][LDS]
-  constexpr int WS = (kBD * LDR > kR * LD) ? kBD * LDR : kR * LD;
-  __shared__ __align__(128) T xs[kCS * LD];
-  __shared__ __align__(128) T ws[WS];
+  constexpr int LD = kBD + kPad<T>;  // dy tile [kCS][LD]
+  constexpr int LDR = kR + kPad<T>;  // u tile [kCS][LDR], B tile [kBD][LDR]
+  constexpr int FR = kR / 16;
+  __shared__ __align__(128) T ys[kCS * LD];
   __shared__ __align__(128) T us[kCS * LDR];
-  __shared__ __align__(128) T vs[kCS * LDR];
-  __shared__ __align__(128) float stage[4 * 16 * LDS];
+  __shared__ __align__(128) T bs[kBD * LDR];
+  __shared__ __align__(128) float stage[4 * 16 * kLDS];
 
-  const int chunk = blockIdx.x, i = blockIdx.y, r0 = blockIdx.z * kR;
-  const int C = gridDim.x;
-  const int s0 = chunk * kCS;
-  const int rows = min(kCS, S - s0);
-  const int rvalid = min(kR, r - r0);
+  int64_t bid = blockIdx.x;
+  const int t = static_cast<int>(bid % n_tiles);  // d tiles of one example adjacent: u_i served from L2
+  bid /= n_tiles;
+  const int rt = static_cast<int>(bid % n_rtiles);
+  bid /= n_rtiles;
+  const int p = static_cast<int>(bid % n_splits);
+  const int64_t i = bid / n_splits;
+  const int d0 = t * kBD, r0 = rt * kR;
+  const int dv = min(kBD, dout - d0), rv = min(kR, r - r0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const T* xb = x + (static_cast<int64_t>(i) * S + s0) * din;
-  const T* yb = dy + (static_cast<int64_t>(i) * S + s0) * dout;
-  float* st = stage + warp * 16 * LDS;
-  typename M::Acc acc;
+  const int s_lo = p * s_per, s_hi = min(S, s_lo + s_per);
+  const T* yb = dy + i * S * dout;
+  const T* ub = u + i * S * r;
+  float* vb = vp + (i * n_tiles + t) * S * r;
+  float* st = stage + warp * 16 * kLDS;
 
-  // u or v (this warp's 16 rows) -> shared memory as T, times scale and the row's mask (0 past S)
-  auto keep = [&](T* dst) {
-    wm::store_matrix_sync(st, acc, LDS, wm::mem_row_major);
-    __syncwarp();
-    for (int e = lane; e < 256; e += 32) {
-      const int rr = e >> 4, cc = e & 15, s = s0 + warp * 16 + rr;
-      const float w = s < S ? (mask != nullptr ? mask[static_cast<int64_t>(i) * S + s] : 1.f) : 0.f;
-      dst[(warp * 16 + rr) * LDR + cc] = from_float<T>(st[rr * LDS + cc] * scale * w);
+  load_tile<T, T, kBD, kR, kThreads>(bs, LDR, B + static_cast<int64_t>(d0) * r + r0, r, dv, rv, vec_b);
+  typename M::Acc acc[FR];
+#pragma unroll
+  for (int f = 0; f < FR; ++f) wm::fill_fragment(acc[f], 0.f);
+
+  for (int s0 = s_lo; s0 < s_hi; s0 += kCS) {
+    const int rows = min(kCS, s_hi - s0);
+    load_tile<T, T, kCS, kBD, kThreads>(ys, LD, yb + static_cast<int64_t>(s0) * dout + d0, dout, rows, dv, vec_dy);
+    load_tile<T, T, kCS, kR, kThreads>(us, LDR, ub + static_cast<int64_t>(s0) * r + r0, r, rows, rv, vec_u);
+    __syncthreads();
+    // gB[d0 + 16w .., r0 ..] += dy^T u_op: a(i, k) = dy[k][16w + i], the dy tile read column-major
+#pragma unroll
+    for (int kk = 0; kk < kCS; kk += M::K)
+#pragma unroll
+      for (int f = 0; f < FR; ++f)
+        M::template step<wm::col_major, wm::row_major>(acc[f], ys + kk * LD + warp * 16, LD, us + kk * LDR + f * 16,
+                                                       LDR);
+    // this tile's piece of v = dy B for the step's rows: (kCS x kBD) (kBD x kR), 16 x 16 tiles over the warps
+    for (int tile = warp; tile < (kCS / 16) * FR; tile += 4) {
+      const int rr = tile / FR, cc = tile % FR;
+      typename M::Acc va;
+      wm::fill_fragment(va, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < kBD; kk += M::K)
+        M::template step<wm::row_major, wm::row_major>(va, ys + rr * 16 * LD + kk, LD, bs + kk * LDR + cc * 16, LDR);
+      wm::store_matrix_sync(st, va, kLDS, wm::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int row = e >> 4, col = e & 15, s = s0 + rr * 16 + row, c = cc * 16 + col;
+        if (s < s_hi && c < rv) vb[static_cast<int64_t>(s) * r + r0 + c] = st[row * kLDS + col];
+      }
+      __syncwarp();
     }
-    __syncwarp();
-  };
-
-  // ---- phase 1a: u = x A^T (warp w: chunk rows 16w..16w+15)
-  wm::fill_fragment(acc, 0.f);
-  for (int d0 = 0; d0 < din; d0 += kBD) {
-    const int dv = min(kBD, din - d0);
-    load_tile<T, T, kCS, kBD, kThreads>(xs, LD, xb + d0, din, rows, dv, vec_x);
-    load_tile<T, T, kR, kBD, kThreads>(ws, LD, A + static_cast<int64_t>(r0) * din + d0, din, rvalid, dv, vec_a);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBD; kk += M::K)  // b(k, j) = A[r0 + j][d0 + k]: A's tile read column-major
-      M::template step<wm::row_major, wm::col_major>(acc, xs + warp * 16 * LD + kk, LD, ws + kk, LD);
-    __syncthreads();
-  }
-  keep(us);
-
-  // ---- phase 1b: v = dy B
-  wm::fill_fragment(acc, 0.f);
-  for (int d0 = 0; d0 < dout; d0 += kBD) {
-    const int dv = min(kBD, dout - d0);
-    load_tile<T, T, kCS, kBD, kThreads>(xs, LD, yb + d0, dout, rows, dv, vec_dy);
-    load_tile<T, T, kBD, kR, kThreads>(ws, LDR, B + static_cast<int64_t>(d0) * r + r0, r, dv, rvalid, vec_b);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBD; kk += M::K)
-      M::template step<wm::row_major, wm::row_major>(acc, xs + warp * 16 * LD + kk, LD, ws + kk * LDR, LDR);
-    __syncthreads();
-  }
-  keep(vs);
-  __syncthreads();  // u and v complete
-
-  // ---- phase 2a: gB[d0 + 16w .., r0 ..] = dy^T u (warp w: 16 rows of the d tile)
-  float* outB = pB + (static_cast<int64_t>(i) * C + chunk) * dout * r;
-  for (int d0 = 0; d0 < dout; d0 += kBD) {
-    const int dv = min(kBD, dout - d0);
-    load_tile<T, T, kCS, kBD, kThreads>(xs, LD, yb + d0, dout, rows, dv, vec_dy);
-    __syncthreads();
-    wm::fill_fragment(acc, 0.f);
-#pragma unroll
-    for (int kk = 0; kk < kCS; kk += M::K)  // a(i, k) = dy[k][i]: the dy tile read column-major
-      M::template step<wm::col_major, wm::row_major>(acc, xs + kk * LD + warp * 16, LD, us + kk * LDR, LDR);
-    wm::store_matrix_sync(st, acc, LDS, wm::mem_row_major);
-    __syncwarp();
-    for (int e = lane; e < 256; e += 32) {
-      const int rr = e >> 4, cc = e & 15, drow = d0 + warp * 16 + rr;
-      if (drow < dout && cc < rvalid) outB[static_cast<int64_t>(drow) * r + r0 + cc] = st[rr * LDS + cc];
-    }
-    __syncthreads();  // xs and the staging are reused by the next tile
+    __syncthreads();  // ys / us are refilled by the next step
   }
 
-  // ---- phase 2b: gA[r0 .., d0 + 16w ..] = v^T x (warp w: 16 columns of the d tile)
-  float* outA = pA + (static_cast<int64_t>(i) * C + chunk) * r * din;
-  for (int d0 = 0; d0 < din; d0 += kBD) {
-    const int dv = min(kBD, din - d0);
-    load_tile<T, T, kCS, kBD, kThreads>(xs, LD, xb + d0, din, rows, dv, vec_x);
-    __syncthreads();
-    wm::fill_fragment(acc, 0.f);
+  const float sc = eu[i];
+  float* outB = pB + (i * n_splits + p) * static_cast<int64_t>(dout) * r;
 #pragma unroll
-    for (int kk = 0; kk < kCS; kk += M::K)  // a(i, k) = v[k][i]: v read column-major
-      M::template step<wm::col_major, wm::row_major>(acc, vs + kk * LDR, LDR, xs + kk * LD + warp * 16, LD);
-    wm::store_matrix_sync(st, acc, LDS, wm::mem_row_major);
+  for (int f = 0; f < FR; ++f) {
+    wm::store_matrix_sync(st, acc[f], kLDS, wm::mem_row_major);
     __syncwarp();
     for (int e = lane; e < 256; e += 32) {
-      const int rr = e >> 4, cc = e & 15, dcol = d0 + warp * 16 + cc;
-      if (rr < rvalid && dcol < din) outA[static_cast<int64_t>(r0 + rr) * din + dcol] = st[rr * LDS + cc];
+      const int row = e >> 4, col = e & 15, dr = warp * 16 + row, c = f * 16 + col;
+      if (dr < dv && c < rv) outB[static_cast<int64_t>(d0 + dr) * r + r0 + c] = st[row * kLDS + col] * sc;
     }
-    __syncthreads();
+    __syncwarp();
   }
 #endif
 }
 
+template <typename T, int kR>
+__global__ void __launch_bounds__(kThreads)
+    lora_x_kernel(const T* __restrict__ x, const T* __restrict__ v, const float* __restrict__ ev,
+                  float* __restrict__ pA, int S, int din, int r, int n_tiles, int n_rtiles, int n_splits, int s_per,
+                  bool vec_x, bool vec_v) {
+#if FASTINF_OLD_ARCH
+  __trap();
+#else
+  using M = Mma<T>;
+  constexpr int LD = kBD + kPad<T>;  // x tile [kCS][LD]
+  constexpr int LDR = kR + kPad<T>;  // v tile [kCS][LDR]
+  constexpr int FR = kR / 16;
+  __shared__ __align__(128) T xs[kCS * LD];
+  __shared__ __align__(128) T vs[kCS * LDR];
+  __shared__ __align__(128) float stage[4 * 16 * kLDS];
+
+  int64_t bid = blockIdx.x;
+  const int t = static_cast<int>(bid % n_tiles);
+  bid /= n_tiles;
+  const int rt = static_cast<int>(bid % n_rtiles);
+  bid /= n_rtiles;
+  const int p = static_cast<int>(bid % n_splits);
+  const int64_t i = bid / n_splits;
+  const int d0 = t * kBD, r0 = rt * kR;
+  const int dv = min(kBD, din - d0), rv = min(kR, r - r0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int s_lo = p * s_per, s_hi = min(S, s_lo + s_per);
+  const T* xb = x + i * S * din;
+  const T* vb = v + i * S * r;
+  float* st = stage + warp * 16 * kLDS;
+
+  typename M::Acc acc[FR];
+#pragma unroll
+  for (int f = 0; f < FR; ++f) wm::fill_fragment(acc[f], 0.f);
+  for (int s0 = s_lo; s0 < s_hi; s0 += kCS) {
+    const int rows = min(kCS, s_hi - s0);
+    load_tile<T, T, kCS, kBD, kThreads>(xs, LD, xb + static_cast<int64_t>(s0) * din + d0, din, rows, dv, vec_x);
+    load_tile<T, T, kCS, kR, kThreads>(vs, LDR, vb + static_cast<int64_t>(s0) * r + r0, r, rows, rv, vec_v);
+    __syncthreads();
+    // gA[r0 + 16f .., d0 + 16w ..] += v_op^T x: a(i, k) = v[k][16f + i], the v tile read column-major
+#pragma unroll
+    for (int kk = 0; kk < kCS; kk += M::K)
+#pragma unroll
+      for (int f = 0; f < FR; ++f)
+        M::template step<wm::col_major, wm::row_major>(acc[f], vs + kk * LDR + f * 16, LDR, xs + kk * LD + warp * 16,
+                                                       LD);
+    __syncthreads();
+  }
+
+  const float sc = ev[i];
+  float* outA = pA + (i * n_splits + p) * static_cast<int64_t>(r) * din;
+#pragma unroll
+  for (int f = 0; f < FR; ++f) {
+    wm::store_matrix_sync(st, acc[f], kLDS, wm::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) {
+      const int row = e >> 4, col = e & 15, c = f * 16 + row, dc = warp * 16 + col;
+      if (c < rv && dc < dv) outA[static_cast<int64_t>(r0 + c) * din + d0 + dc] = st[row * kLDS + col] * sc;
+    }
+    __syncwarp();
+  }
+#endif
+}
+
+int rank_tile(int64_t r) { return r <= 16 ? 16 : (r <= 32 ? 32 : 64); }
+
+// Call f with std::integral_constant<int, kR> for the rank tile of r.
+template <typename F>
+void dispatch_rank(int64_t r, F&& f) {
+  switch (rank_tile(r)) {
+    case 16:
+      f(std::integral_constant<int, 16>{});
+      break;
+    case 32:
+      f(std::integral_constant<int, 32>{});
+      break;
+    default:
+      f(std::integral_constant<int, 64>{});
+  }
+}
+
+void check_sizes(int64_t N, int64_t S, int64_t d, int64_t r, int64_t tiles, int64_t splits, int64_t s_per) {
+  FASTINF_CHECK(S < (int64_t{1} << 31) && d < (int64_t{1} << 31) && r < (int64_t{1} << 31),
+                "lora_per_sample_grads: S, d and r must fit in 32 bits");
+  FASTINF_CHECK(splits >= 1 && s_per >= 1 && splits * s_per >= S, "lora_per_sample_grads: bad split of S");
+  const int64_t blocks = N * tiles * ceil_div(r, rank_tile(r)) * splits;
+  FASTINF_CHECK(blocks < (int64_t{1} << 31), "lora_per_sample_grads: too many blocks (", blocks, ")");
+}
+
 }  // namespace
 
-int64_t lora_chunk_rows() { return kCS; }
+int64_t lora_d_tile() { return kBD; }
 
-void lora_per_sample_grads_launch(DType dt, const void* x, const void* dy, const void* A, const void* B,
-                                  const float* mask, float* pA, float* pB, int64_t N, int64_t S, int64_t din,
-                                  int64_t dout, int64_t r, float scale, cudaStream_t stream) {
-  if (N == 0 || S == 0 || r == 0) return;
-  FASTINF_CHECK(N <= 65535, "lora_per_sample_grads: at most 65535 examples per call, got ", N);
-  FASTINF_CHECK(ceil_div(r, kR) <= 65535, "lora_per_sample_grads: rank ", r, " is too large");
-  FASTINF_CHECK(S < (int64_t{1} << 31) && din < (int64_t{1} << 31) && dout < (int64_t{1} << 31),
-                "lora_per_sample_grads: dimensions must fit in 32 bits");
+void lora_dy_launch(DType dt, const void* dy, const void* u, const void* B, const float* eu, float* pB, float* vp,
+                    int64_t N, int64_t S, int64_t dout, int64_t r, int64_t splits, int64_t s_per,
+                    cudaStream_t stream) {
+  if (N == 0 || S == 0 || r == 0 || dout == 0) return;
+  const int64_t tiles = ceil_div(dout, kBD);
+  check_sizes(N, S, dout, r, tiles, splits, s_per);
+  dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t e = sizeof(T);
+    const bool vy = aligned16(dy) && (dout * e) % 16 == 0;
+    const bool vu = aligned16(u) && (r * e) % 16 == 0;
+    const bool vb = aligned16(B) && (r * e) % 16 == 0;
+    dispatch_rank(r, [&](auto rk) {
+      constexpr int kR = decltype(rk)::value;
+      const int64_t rtiles = ceil_div(r, kR);
+      const int64_t blocks = N * tiles * rtiles * splits;
+      lora_dy_kernel<T, kR><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          static_cast<const T*>(dy), static_cast<const T*>(u), static_cast<const T*>(B), eu, pB, vp,
+          static_cast<int>(S), static_cast<int>(dout), static_cast<int>(r), static_cast<int>(tiles),
+          static_cast<int>(rtiles), static_cast<int>(splits), static_cast<int>(s_per), vy, vu, vb);
+      FASTINF_LAUNCH_CHECK();
+    });
+  });
+}
+
+void lora_x_launch(DType dt, const void* x, const void* v, const float* ev, float* pA, int64_t N, int64_t S,
+                   int64_t din, int64_t r, int64_t splits, int64_t s_per, cudaStream_t stream) {
+  if (N == 0 || S == 0 || r == 0 || din == 0) return;
+  const int64_t tiles = ceil_div(din, kBD);
+  check_sizes(N, S, din, r, tiles, splits, s_per);
   dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     const int64_t e = sizeof(T);
     const bool vx = aligned16(x) && (din * e) % 16 == 0;
-    const bool vy = aligned16(dy) && (dout * e) % 16 == 0;
-    const bool va = aligned16(A) && (din * e) % 16 == 0;
-    const bool vb = aligned16(B) && (r * e) % 16 == 0;
-    const dim3 grid(static_cast<unsigned>(ceil_div(S, kCS)), static_cast<unsigned>(N),
-                    static_cast<unsigned>(ceil_div(r, kR)));
-    lora_per_sample_grads_kernel<T><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<const T*>(A), static_cast<const T*>(B), mask,
-        pA, pB, static_cast<int>(S), static_cast<int>(din), static_cast<int>(dout), static_cast<int>(r), scale, vx, vy,
-        va, vb);
-    FASTINF_LAUNCH_CHECK();
+    const bool vv = aligned16(v) && (r * e) % 16 == 0;
+    dispatch_rank(r, [&](auto rk) {
+      constexpr int kR = decltype(rk)::value;
+      const int64_t rtiles = ceil_div(r, kR);
+      const int64_t blocks = N * tiles * rtiles * splits;
+      lora_x_kernel<T, kR><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const T*>(v), ev, pA, static_cast<int>(S), static_cast<int>(din),
+          static_cast<int>(r), static_cast<int>(tiles), static_cast<int>(rtiles), static_cast<int>(splits),
+          static_cast<int>(s_per), vx, vv);
+      FASTINF_LAUNCH_CHECK();
+    });
   });
 }
 

@@ -15,10 +15,20 @@ def _ext():
     return build.load()
 
 
-def lora_per_sample_grads_cuda(x, dy, A, B, scale=1.0, mask=None, *, return_sq_norms=False):
-    """CUDA version of :func:`fastinf.ops.lora_per_sample_grads_reference`."""
-    x, dy, A, B = K.lora_inputs(x, dy, A, B)
-    pA, pB = _ext().lora_partials(x, dy, A, B, float(scale), mask)
+def lora_per_sample_grads_cuda(x, dy, A, B, scale=1.0, mask=None, *, u=None, return_sq_norms=False):
+    """CUDA version of :func:`fastinf.ops.lora_per_sample_grads_reference` (the plan of
+    ``csrc/lora_per_sample_grads.cu``: dy read once for gB and v = dy B, then x once for gA)."""
+    C = _ext()
+    x, dy, B, u_op, eu, w = K.lora_prepare(x, dy, A, B, scale, mask, u)
+    N, S, din = x.shape
+    dout = dy.shape[2]
+    sms = K.sm_count(x.device)
+    tile = C.lora_d_tile()
+    splits, per = K.lora_splits(N, S, -(-dout // tile), 32, sms)
+    pB, vp = C.lora_dy(dy, u_op, B, eu, splits, per)
+    v_op, ev = K.lora_v_operand(vp, w, scale, x.dtype)
+    splits, per = K.lora_splits(N, S, -(-din // tile), 32, sms)
+    pA = C.lora_x(x, v_op, ev, splits, per)
     return K.lora_finish(pA, pB, return_sq_norms)
 
 
@@ -30,8 +40,8 @@ def datainf_inverse_sum_cuda(G, T, lam, *, sq_norms=None, chunk_size=None):
         P, nsq = C.datainf_coef(g, t, need_nsq)
         return P, (nsq if need_nsq else None)
 
-    def apply(g, t, P, cinv, H, inv_lam, accumulate):
-        C.datainf_apply(g, t, P, cinv, H, inv_lam, accumulate)
+    def apply(g, t, P, cinv, rscale, out_scale, H, inv_lam, accumulate):
+        C.datainf_apply(g, t, P, cinv, rscale, out_scale, H, inv_lam, accumulate)
 
     return K.datainf_run(G, T, lam, sq_norms, chunk_size, coef, apply)
 

@@ -66,22 +66,79 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
-def supports_lora(x, dy, A, B, scale=1.0, mask=None, **_) -> str | None:
-    return _dtype_reason(x, dy, A, B) or _device_reason(x, dy, A, B, mask)
+def supports_lora(x, dy, A, B, scale=1.0, mask=None, *, u=None, **_) -> str | None:
+    return _dtype_reason(x, dy, A, B, u) or _device_reason(x, dy, A, B, mask, u)
 
 
-def lora_inputs(x, dy, A, B):
-    """x, dy in their common dtype (float32 if they differ); A, B cast to it (they are small)."""
+def pow2_normalise(v: torch.Tensor, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v`` (N, ...) float32 as ``(v · 2^−e_i)`` rounded to ``dt``, and the (N,) float32 factors ``2^e_i``.
+
+    e_i is the exponent of example i's largest |v| (so its largest entry lands in [0.5, 1)): multiplying by a
+    power of two is exact, and 16-bit operands then never fall into the subnormal range because of their
+    overall size (fp16 dy ≈ 1e-6 gives v = Bᵀdy ≈ 1e-5, below fp16's smallest normal 6.1e-5). float32: no
+    scaling (factors 1).
+    """
+    N = v.shape[0]
+    if dt == torch.float32 or v.numel() == 0:
+        return v.to(dt), torch.ones(N, dtype=torch.float32, device=v.device)
+    amax = v.abs().reshape(N, -1).amax(1)
+    e = torch.frexp(amax)[1].to(torch.int32)  # amax = f · 2^e, f ∈ [0.5, 1); e = 0 for amax = 0
+    shape = (N,) + (1,) * (v.dim() - 1)
+    return torch.ldexp(v, (-e).reshape(shape).to(v.dtype)).to(dt), torch.ldexp(torch.ones_like(amax), e.float())
+
+
+def lora_prepare(x, dy, A, B, scale, mask, u):
+    """The kernels' operands: ``(x, dy, B, u_op, eu, w)`` with x, dy, B in the common dtype, the (N, S) float32
+    row weights ``w = scale · mask`` (None when there is no mask and scale is folded into ``eu``), and
+    ``u_op = w·u / 2^eu`` rounded to that dtype (:func:`pow2_normalise`). ``u`` = x Aᵀ (N, S, r) as the capture
+    hook recorded it; None computes it here with one torch GEMM (an extra read of x)."""
     dt = compute_dtype(x, dy)
-    return x.to(dt), dy.to(dt), A.to(dt), B.to(dt)
+    x, dy, B = x.to(dt), dy.to(dt), B.to(dt)
+    if u is None:
+        u = torch.matmul(x, A.to(device=x.device, dtype=dt).T)
+    uf = u.float()
+    w = None
+    if mask is not None:
+        w = mask.to(device=x.device, dtype=torch.float32) * float(scale)
+        uf = uf * w.unsqueeze(-1)
+    elif float(scale) != 1.0:
+        uf = uf * float(scale)
+    u_op, eu = pow2_normalise(uf, dt)
+    return x, dy, B, u_op.contiguous(), eu, w
+
+
+def lora_v_operand(vp: torch.Tensor, w: torch.Tensor | None, scale: float, dt: torch.dtype):
+    """v = Bᵀdy from its (N, T, S, r) float32 per-d_out-tile pieces (summed in a fixed order: deterministic),
+    times the row weights, as ``(v_op, ev)`` (:func:`pow2_normalise`)."""
+    v = vp[:, 0] if vp.shape[1] == 1 else vp.sum(1)
+    if w is not None:
+        v = v * w.unsqueeze(-1)
+    elif float(scale) != 1.0:
+        v = v * float(scale)
+    v_op, ev = pow2_normalise(v, dt)
+    return v_op.contiguous(), ev
+
+
+def lora_splits(N: int, S: int, tiles: int, block_s: int, sms: int) -> tuple[int, int]:
+    """(splits of S, rows per split) so that N · tiles · splits programs give about two waves on ``sms``
+    multiprocessors. Each split is a multiple of ``block_s`` rows; the (N, splits, …) gradient partials are
+    summed afterwards (deterministic). The split count depends on N and the tiles, never grows with S."""
+    if S == 0:
+        return 1, block_s
+    want = _cdiv(2 * sms, max(1, N * tiles))
+    p = max(1, min(want, _cdiv(S, block_s)))
+    per = _cdiv(_cdiv(S, p), block_s) * block_s
+    return _cdiv(S, per), per
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def lora_finish(pA: torch.Tensor, pB: torch.Tensor, return_sq_norms: bool):
-    """Sum the (N, C, ...) chunk partials into (gA, gB) (+ squared norms)."""
+    """Sum the (N, P, ...) split partials into (gA, gB) (+ squared norms)."""
     gA = pA[:, 0] if pA.shape[1] == 1 else pA.sum(1)
     gB = pB[:, 0] if pB.shape[1] == 1 else pB.sum(1)
-    if pA.shape[1] == 0:  # S = 0
-        gA, gB = pA.new_zeros(pA.shape[0], *pA.shape[2:]), pB.new_zeros(pB.shape[0], *pB.shape[2:])
     if return_sq_norms:
         return gA, gB, gA.pow(2).sum((1, 2)) + gB.pow(2).sum((1, 2))
     return gA, gB
@@ -89,7 +146,22 @@ def lora_finish(pA: torch.Tensor, pB: torch.Tensor, return_sq_norms: bool):
 
 # ---------------------------------------------------------------------------------------------- DataInf
 def supports_datainf(G, T, lam, *, sq_norms=None, chunk_size=None, **_) -> str | None:
-    return _dtype_reason(G, T) or _device_reason(G, T, sq_norms)
+    why = _dtype_reason(G, T) or _device_reason(G, T, sq_norms)
+    if why is None and max(G.shape[0], T.shape[0]) >= 1 << 31:
+        why = f"the kernels take m, n < 2**31, got n = {G.shape[0]}, m = {T.shape[0]}"
+    return why
+
+
+def datainf_row_scales(P: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
+    """Per test row j the power of two 2^−e_j that brings max_i |P_ji cinv_i| into [0.5, 1) (1 for a zero row).
+
+    The apply kernels form C = P·cinv·2^−e_j in float32 and, for 16-bit inputs, split it into hi + lo parts in
+    the input dtype (two tensor-core products): about 16 (bf16) / 22 (fp16) significant bits instead of the 8 /
+    11 one rounding keeps, and no fp16 subnormals. The factor is undone exactly in the epilogue together with
+    1/n and 1/λ (never folded into C)."""
+    amax = (P.abs() * cinv.abs()).amax(1) if P.shape[1] else P.new_zeros(P.shape[0])
+    e = torch.frexp(amax)[1].float()
+    return torch.ldexp(torch.ones_like(amax), -e)
 
 
 def datainf_run(
@@ -104,8 +176,10 @@ def datainf_run(
     """H = (T − C G / n) / λ by the kernels' two passes, over row chunks of G of at most ``chunk_size`` rows.
 
     ``coef(g, T, need_nsq) -> (P = T gᵀ (m, c) float32, ‖g_i‖² (c,) float32 or None)``;
-    ``apply(g, T, P, cinv, H, inv_lam, accumulate)`` writes H = (T − (P·cinv) g)·inv_lam, or subtracts
-    (P·cinv) g·inv_lam from H when ``accumulate``.
+    ``apply(g, T, P, cinv, rscale, out_scale, H, inv_lam, accumulate)`` forms C_ji = P_ji · cinv_i · rscale_j
+    (cinv_i = 1/(λ + ‖g_i‖²), float32; rscale from :func:`datainf_row_scales`) and writes
+    H_j = T_j·inv_lam − (C g)_j·out_scale_j with out_scale_j = 1/(rscale_j n λ), or subtracts
+    (C g)_j·out_scale_j from H when ``accumulate``. 1/n and 1/λ are applied in that float32 epilogue.
     """
     n, d = G.shape
     m = T.shape[0]
@@ -120,8 +194,11 @@ def datainf_run(
         P, nsq = coef(g, T, sq_norms is None)
         if sq_norms is not None:
             nsq = sq_norms[s : s + step].to(device=G.device, dtype=torch.float32)
-        cinv = ((nsq.double() + float(lam)) * n).reciprocal().float()
-        apply(g, T, P.contiguous(), cinv.contiguous(), H, 1.0 / float(lam), s > 0)
+        cinv = (nsq.double() + float(lam)).reciprocal().float()
+        P = P.contiguous()
+        rscale = datainf_row_scales(P, cinv)
+        out_scale = (rscale.double() * (n * float(lam))).reciprocal().float()
+        apply(g, T, P, cinv.contiguous(), rscale.contiguous(), out_scale.contiguous(), H, 1.0 / float(lam), s > 0)
     return H
 
 

@@ -5,15 +5,19 @@ Two tensor-core passes over G for all m tests at once (the same plan as ``csrc/d
 * ``_datainf_inverse_sum_coef_kernel``: P = T Gᵀ (m × n, float32), split over the width d when m × n
   alone gives too few tiles (one float32 slice per split, summed afterwards: deterministic), with ‖g_i‖²
   from the same G tiles;
-* ``_datainf_inverse_sum_kernel``: H = (T − (P·cinv) G)·(1/λ), cinv_i = 1/((λ + ‖g_i‖²) n), C formed
-  on the fly from the P tile; the epilogue reads T once.
+* ``_datainf_inverse_sum_kernel``: H = T/λ − (C G)·(1/(n λ)), C_ji = P_ji/(λ + ‖g_i‖²) formed on the fly
+  from the P tile in float32; the epilogue reads T once.
 
 Programs that share a G tile are adjacent in launch order (the m tile varies fastest), so each G tile comes
 from device memory once per pass and from L2 for the other m tiles. The only m × n intermediate is P
 (m n 4 bytes, 9 MB at m = 512, n = 4500, against 590 MB of bf16 G at d = 65k); removing it would need
 every C_ji before any g_i is used (a grid-wide dependency) or atomics on the m × d output.
-float16/bfloat16 inputs use 16-bit tensor-core operands (C rounded to the input type), float32 inputs use
-3×TF32 (``tf32x3``, about float32 accuracy); accumulation is float32 throughout.
+Rounding plan (what :func:`fastinf.kernels._emulate.datainf_emulated` reproduces in float64): P, ‖g‖², cinv
+in float32; C scaled per test row by a power of two (max |C_j·| in [0.5, 1), exact) and, for float16/bfloat16
+G, split into hi + lo parts in G's dtype (two tensor-core products, ~16/22 significant bits: rounding C once
+to 16 bits loses the cancellation T − CG/n for near-collinear gradients); 1/n, 1/λ and the row scale are
+applied in the float32 epilogue, never folded into C (fp16 would reach subnormals). float32 inputs use 3×TF32
+(``tf32x3``, about float32 accuracy); accumulation is float32 throughout.
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ def _datainf_inverse_sum_kernel(
     G_ptr,
     P_ptr,
     CINV_ptr,
+    RS_ptr,
+    OS_ptr,
     H_ptr,
     m,
     n,
@@ -101,6 +107,7 @@ def _datainf_inverse_sum_kernel(
     stride_gn,
     stride_gd,
     ACCUMULATE: tl.constexpr,
+    SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -114,6 +121,7 @@ def _datainf_inverse_sum_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_ok = offs_m < m
     d_ok = offs_d < d
+    rs = tl.load(RS_ptr + offs_m, mask=m_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -126,16 +134,23 @@ def _datainf_inverse_sum_kernel(
             mask=k_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        c = (p * ci[None, :]).to(g.dtype)
-        acc = tl.dot(c, g, acc, input_precision=PRECISION)
+        c = p * ci[None, :] * rs[:, None]  # float32, row max in [0.5, 1)
+        if SPLIT:  # 16-bit G: C = hi + lo, both in G's dtype, two tensor-core products
+            hi = c.to(g.dtype)
+            lo = (c - hi.to(tl.float32)).to(g.dtype)
+            acc = tl.dot(hi, g, acc)
+            acc = tl.dot(lo, g, acc)
+        else:  # float32 G: 3xTF32 keeps C and G at about float32 accuracy
+            acc = tl.dot(c, g, acc, input_precision=PRECISION)
+    osc = tl.load(OS_ptr + offs_m, mask=m_ok, other=0.0)  # 1 / (rscale n λ): undoes the row scale
     h_ptrs = H_ptr + offs_m.to(tl.int64)[:, None] * d + offs_d[None, :]
     hmask = m_ok[:, None] & d_ok[None, :]
     if ACCUMULATE:
-        h = tl.load(h_ptrs, mask=hmask, other=0.0) - acc * inv_lam
+        h = tl.load(h_ptrs, mask=hmask, other=0.0) - acc * osc[:, None]
     else:
         t_ptrs = T_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + offs_d[None, :] * stride_td
         t = tl.load(t_ptrs, mask=hmask, other=0.0)
-        h = (t.to(tl.float32) - acc) * inv_lam
+        h = t.to(tl.float32) * inv_lam - acc * osc[:, None]
     tl.store(h_ptrs, h, mask=hmask)
 
 
@@ -187,13 +202,14 @@ def datainf_inverse_sum_triton(G, T, lam, *, sq_norms=None, chunk_size=None, con
             return P, None
         return P, (nsq[0] if split == 1 else nsq.sum(0))
 
-    def apply(g, t, P, cinv, H, inv_lam, accumulate):
+    def apply(g, t, P, cinv, rscale, out_scale, H, inv_lam, accumulate):
         n, d = g.shape
         m = t.shape[0]
         grid = (triton.cdiv(m, cfg_apply["BLOCK_M"]) * triton.cdiv(d, cfg_apply["BLOCK_D"]),)
         _datainf_inverse_sum_kernel[grid](
-            t, g, P, cinv, H, m, n, d, inv_lam, t.stride(0), t.stride(1), g.stride(0), g.stride(1),
-            ACCUMULATE=accumulate, PRECISION=prec, **cfg_apply,
+            t, g, P, cinv, rscale, out_scale, H, m, n, d, inv_lam,
+            t.stride(0), t.stride(1), g.stride(0), g.stride(1),
+            ACCUMULATE=accumulate, SPLIT=dt != torch.float32, PRECISION=prec, **cfg_apply,
         )  # fmt: skip
 
     return _common.datainf_run(G, T, lam, sq_norms, chunk_size, coef, apply)
