@@ -4,7 +4,8 @@
   ``lds`` (the linear datamodeling score) and ``bootstrap_ci``;
 * experiments (:mod:`fastinf.eval.experiments`): ``mislabel_experiment``,
   ``class_detection_experiment``, ``diffusion_class_detection_experiment``, the synthetic
-  ``synthetic_mislabel_experiment`` / ``mislabel_task``, and ``run_task`` for the named tasks;
+  ``synthetic_mislabel_experiment`` / ``mislabel_task``, ``run_task`` for the named tasks, and
+  ``lds_experiment`` / ``lds_demo`` (LDS with retrained models, ``fastinf eval lds``);
 * :mod:`fastinf.eval.runner` (per-method runners), :mod:`fastinf.eval.report` (report writer and
   plots), :mod:`fastinf.eval.hf` (Hugging Face set-up), :mod:`fastinf.eval.jobs` (what the CLI runs).
 
@@ -25,6 +26,7 @@ from .experiments import (
     run_task,
     synthetic_mislabel_experiment,
 )
+from .experiments.lds import LDSSettings, lds_demo, lds_experiment
 from .metrics import (
     agreement,
     bootstrap_ci,
@@ -42,6 +44,7 @@ __all__ = [
     "ClassDetectionSettings",
     "DiffusionSettings",
     "ExperimentResult",
+    "LDSSettings",
     "MislabelSettings",
     "SyntheticTask",
     "agreement",
@@ -52,6 +55,8 @@ __all__ = [
     "diffusion_class_detection_experiment",
     "failed_methods",
     "lds",
+    "lds_demo",
+    "lds_experiment",
     "mislabel_auc",
     "mislabel_demo",
     "mislabel_experiment",

