@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import lora_per_sample_grads
+from . import factors as kf
 from .gradient_set import GradientSet
 from .losses import default_loss_fn
 
@@ -105,6 +106,7 @@ class LoRAGradientCollector:
         self.projection_seed = projection_seed
         self.sites = self._find_sites(include_modules_to_save)
         self._proj_cache: dict[str, torch.Tensor] = {}
+        self._factors = False  # set by collect(factors=True): the fingerprint and the store fill read it
 
     # ------------------------------------------------------------------------------ discovery
     def _find_sites(self, include_modules_to_save: bool) -> list[_Site]:
@@ -174,8 +176,18 @@ class LoRAGradientCollector:
         return {n: (self.projection or params[n].numel()) for n in self.block_names}
 
     # ------------------------------------------------------------------------------ one batch
-    def batch_gradients(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Per-example gradients of one batch: block name -> (N, d) in ``self.dtype``."""
+    def batch_gradients(self, batch: Mapping[str, Any], *, factors: bool = False) -> Any:
+        """Per-example gradients of one batch: block name -> (N, d) in ``self.dtype``.
+
+        ``factors=True`` returns ``(gradients, sums)`` with ``sums`` the batch's Kronecker-factor sums per
+        block (``{"xx", "dd", "tokens"}``, float64 CPU; see :mod:`fastinf.gradients.factors`), from the
+        same hooks (no extra forward or backward), over the tokens the batch's ``attention_mask`` keeps.
+
+        Raises:
+            ValueError: ``factors=True`` with a projection (the factors are of the full blocks).
+        """
+        if factors and self.projection is not None:
+            raise ValueError("Kronecker factors need full gradients: use projection=None with factors=True")
         model = self.model
         device = next(model.parameters()).device
         if isinstance(batch, Mapping):
@@ -223,9 +235,31 @@ class LoRAGradientCollector:
                 r["dy"] = torch.zeros_like(r["out"]) if g is None else g
         N = losses.shape[0]
         out: dict[str, torch.Tensor] = {}
+        sums: dict[str, dict[str, torch.Tensor]] | None = {} if factors else None
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) and factors else None
         for i, site in enumerate(self.sites):
-            out.update(self._site_grads(site, records[i], N))
-        return {n: out[n] for n in self.block_names}
+            out.update(self._site_grads(site, records[i], N, sums, mask))
+        grads = {n: out[n] for n in self.block_names}
+        if sums is None:
+            return grads
+        return grads, self._complete_sums(sums)
+
+    def _complete_sums(self, sums: dict) -> dict:
+        """Zero sums for blocks never called in the batch, in block order."""
+        params = dict(self.model.named_parameters())
+        for s in self.sites:
+            for role, name in s.names.items():
+                if name not in sums:
+                    p = params[name]
+                    d_out = p.shape[0]
+                    d_in = 1 if role in ("B_bias", "bias") else p.numel() // d_out
+                    z = torch.zeros
+                    sums[name] = {
+                        "xx": z(d_in, d_in, dtype=torch.float64),
+                        "dd": z(d_out, d_out, dtype=torch.float64),
+                        "tokens": z(1, 1, dtype=torch.float64),
+                    }
+        return {n: sums[n] for n in self.block_names}
 
     @staticmethod
     def _hook_a(rec: list):
@@ -253,7 +287,9 @@ class LoRAGradientCollector:
             raise ValueError(f"a captured {what} has {R} rows for {N} examples; rows must be a multiple of N")
         return t.reshape(N, -1, t.shape[-1])
 
-    def _site_grads(self, site: _Site, recs: list[dict], N: int) -> dict[str, torch.Tensor]:
+    def _site_grads(
+        self, site: _Site, recs: list[dict], N: int, sums: dict | None = None, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         acc: dict[str, torch.Tensor] = {}
 
         def add(role: str, g: torch.Tensor) -> None:
@@ -271,6 +307,12 @@ class LoRAGradientCollector:
                 add("W", torch.bmm(d.transpose(1, 2).to(dt), x.to(dt)))
                 if "bias" in site.names:
                     add("bias", d.to(dt).sum(1))
+                if sums is not None:
+                    xr, dr = kf.token_rows(x, mask), kf.token_rows(d, mask)
+                    part = kf.block_sums(xr, dr, xr.shape[0])
+                    kf.accumulate(sums, site.names["W"], part)
+                    if "bias" in site.names:
+                        kf.accumulate(sums, site.names["bias"], kf.block_sums(None, dr, xr.shape[0], dd=part["dd"]))
                 continue
             a, b = site.a, site.b
             if isinstance(a, nn.Conv2d):
@@ -289,6 +331,15 @@ class LoRAGradientCollector:
             add("B", gB)
             if "B_bias" in site.names:
                 add("B_bias", d.to(gB.dtype).sum(1))
+            if sums is not None:  # A block: input x, δ = Bᵀ dy; B block: input u = A x, δ = dy (METHODS.md §11)
+                xr, dr = kf.token_rows(x, mask), kf.token_rows(d, mask)
+                dt = torch.promote_types(xr.dtype, torch.float32)
+                ur, vr = xr.to(dt) @ A.detach().to(dt).T, dr.to(dt) @ B.detach().to(dt)
+                kf.accumulate(sums, site.names["A"], kf.block_sums(xr, vr, xr.shape[0]))
+                part = kf.block_sums(ur, dr, xr.shape[0])
+                kf.accumulate(sums, site.names["B"], part)
+                if "B_bias" in site.names:
+                    kf.accumulate(sums, site.names["B_bias"], kf.block_sums(None, dr, xr.shape[0], dd=part["dd"]))
         out = {}
         params = dict(self.model.named_parameters())
         for role, name in site.names.items():
@@ -317,8 +368,14 @@ class LoRAGradientCollector:
         overwrite: bool = False,
         store_dtype: torch.dtype | None = None,
         shard_bytes: int | None = None,
+        factors: bool = False,
     ) -> GradientSet:
         """Per-example gradients of every example of ``dataloader`` (in order): a GradientSet.
+
+        ``factors=True`` also accumulates every block's Kronecker factors (A, S) of METHODS.md §11 in the
+        same hooks (no extra forward or backward; padding excluded by the batches' ``attention_mask``):
+        the returned GradientSet's :attr:`~GradientSet.factors`, or stored in every shard of ``store``
+        (the store's fingerprint then records ``factors``), for :class:`fastinf.KFAC` / ``EKFAC``.
 
         With ``store`` (a directory path or a :class:`~fastinf.gradients.store.GradientStore`), each
         batch is appended to the on-disk store (atomic shards, each recording a digest of its batch);
@@ -341,9 +398,19 @@ class LoRAGradientCollector:
                 arguments, a model with other adapter weights, or other data (other content, fewer or
                 more rows: see :meth:`GradientStore.fill`); messages end in "pass overwrite=True".
             ValueError: the dataloader yields no batches; a loss that is not (N,) or not finite;
-                ``shard_bytes`` < 1, or ``store_dtype``/``shard_bytes`` without ``store``.
+                ``shard_bytes`` < 1, or ``store_dtype``/``shard_bytes`` without ``store``; ``factors=True``
+                with a projection.
             TypeError: ``store_dtype`` is not one of the storage dtypes.
         """
+        if factors and self.projection is not None:
+            raise ValueError("Kronecker factors need full gradients: use projection=None with factors=True")
+        self._factors = bool(factors)
+        try:
+            return self._collect(dataloader, store, progress, overwrite, store_dtype, shard_bytes)
+        finally:
+            self._factors = False
+
+    def _collect(self, dataloader, store, progress, overwrite, store_dtype, shard_bytes) -> GradientSet:
         if store is not None:
             from .store import GradientStore
 
@@ -364,12 +431,20 @@ class LoRAGradientCollector:
 
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.block_names}
         total = len(dataloader) if hasattr(dataloader, "__len__") else None
+        sums = None
         for batch in tqdm(dataloader, total=total, desc="per-example gradients", unit="batch", disable=not progress):
-            for n, g in self.batch_gradients(batch).items():
+            if self._factors:
+                grads, bs = self.batch_gradients(batch, factors=True)
+                sums = kf.add_sums(sums, bs)
+            else:
+                grads = self.batch_gradients(batch)
+            for n, g in grads.items():
                 parts[n].append(g.cpu())
         if not parts[self.block_names[0]]:
             raise ValueError("the dataloader yielded no batches: nothing to capture")
-        return GradientSet({n: torch.cat(v) for n, v in parts.items()})
+        blocks = {n: torch.cat(v) for n, v in parts.items()}
+        n = next(iter(blocks.values())).shape[0]
+        return GradientSet(blocks, factors=kf.normalise(sums, n) if sums is not None else None)
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies a capture: model class, adapter config, adapter weights (SHA-256 of every
@@ -407,4 +482,5 @@ class LoRAGradientCollector:
             "dtype": str(self.dtype).replace("torch.", ""),
             "projection": self.projection,
             "projection_seed": self.projection_seed if self.projection is not None else None,
+            **({"factors": True} if getattr(self, "_factors", False) else {}),
         }

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from .factors import check_factors
+
 __all__ = ["GradientSet"]
 
 IndexLike = slice | int | Sequence[int] | torch.Tensor
@@ -49,17 +51,28 @@ class GradientSet:
             ``(n, prod(shape))``. Block order is the mapping's order.
         validate: check finiteness of every entry (one pass over the data). Shape and dtype are
             always checked.
+        factors: optional Kronecker factors of the blocks (METHODS.md §11), block name -> (A, S) with
+            A (d_in × d_in), S (d_out × d_out) and d_in·d_out = d_l, kept as float64 CPU tensors
+            (:attr:`factors`); ``LoRAGradientCollector.collect(..., factors=True)`` sets them. They
+            describe the whole set: :meth:`to` and :meth:`select` keep them, row selections
+            (:meth:`subset`, :meth:`iter_chunks`, :meth:`mean`) drop them.
 
     Raises:
         TypeError: a block is not a tensor or not of a floating dtype.
         ValueError: no blocks, a block with fewer than 2 dimensions, unequal ``n`` across blocks,
             ``n == 0`` or a zero-width block, or a NaN/inf entry (names the block and the first bad
-            example).
+            example); factors of an unknown block or of sizes that do not match its width.
     """
 
-    __slots__ = ("_blocks",)
+    __slots__ = ("_blocks", "_factors")
 
-    def __init__(self, blocks: Mapping[str, torch.Tensor], *, validate: bool = True) -> None:
+    def __init__(
+        self,
+        blocks: Mapping[str, torch.Tensor],
+        *,
+        validate: bool = True,
+        factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         if not isinstance(blocks, Mapping):
             raise TypeError(f"GradientSet expects a mapping name -> tensor, got {type(blocks).__name__}")
         if len(blocks) == 0:
@@ -96,6 +109,14 @@ class GradientSet:
                 if bad is not None:
                     raise ValueError(f"block {name!r}: non-finite value (NaN or inf) in example {bad}")
         self._blocks = out
+        self._factors = None
+        if factors is not None:
+            self._factors = check_factors(factors, {k: v.shape[1] for k, v in out.items()})
+
+    @property
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """Kronecker factors block -> (A, S) (float64, CPU; METHODS.md §11), or None when not captured."""
+        return None if self._factors is None else dict(self._factors)
 
     # ----------------------------------------------------------------------------------- basics
     @property
@@ -168,7 +189,11 @@ class GradientSet:
         """Copy to another device and/or floating dtype (no copy when nothing changes)."""
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"GradientSet.to: dtype must be floating, got {dtype}")
-        return GradientSet({k: v.to(device=device, dtype=dtype) for k, v in self._blocks.items()}, validate=False)
+        return GradientSet(
+            {k: v.to(device=device, dtype=dtype) for k, v in self._blocks.items()},
+            validate=False,
+            factors=self.factors,
+        )
 
     def subset(self, index: IndexLike) -> GradientSet:
         """Examples selected by ``index`` (slice, int, sequence of ints, or bool/long tensor)."""
@@ -205,7 +230,12 @@ class GradientSet:
         missing = [k for k in names if k not in self._blocks]
         if missing:
             raise KeyError(f"blocks {missing} not in this GradientSet (blocks are {self.names})")
-        return GradientSet({k: self._blocks[k] for k in names}, validate=False)
+        f = self.factors
+        return GradientSet(
+            {k: self._blocks[k] for k in names},
+            validate=False,
+            factors=None if f is None else {k: f[k] for k in names if k in f},
+        )
 
     def mean(self) -> GradientSet:
         """The mean gradient over examples as a one-example set (v̄ of METHODS.md §0)."""

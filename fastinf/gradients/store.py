@@ -58,10 +58,10 @@ from typing import Any
 import torch
 
 from ..utils import atomic_write
+from . import factors as kf
 from .gradient_set import GradientSet, chunk_range
 from .store_capture import _CaptureMixin
 from .store_format import (
-    _ST_DTYPE,
     DEFAULT_SHARD_BYTES,
     FORMAT,
     FORMAT_VERSION,
@@ -77,6 +77,7 @@ from .store_format import (
     _sq_sum,
     batch_digest,
     check_same_model,
+    serialise_shard,
 )
 
 __all__ = ["GradientStore", "StoreError", "batch_digest", "check_same_model"]
@@ -154,6 +155,7 @@ class GradientStore(_CaptureMixin, GradientSet):
         self._buf_bytes = 0
         self._mname, self._prefix = manifest_name, shard_prefix
         self._blocks = _LazyBlocks(self, dtype, device)
+        self._factors = None  # the summed factors, read from the shards on first use
 
     # ------------------------------------------------------------------------------ creation
     @classmethod
@@ -292,7 +294,7 @@ class GradientStore(_CaptureMixin, GradientSet):
         return manifest
 
     # ------------------------------------------------------------------------------ writing
-    def append(self, blocks: Mapping[str, torch.Tensor], *, data_sha256: str | None = None) -> None:
+    def append(self, blocks: Mapping[str, torch.Tensor], *, data_sha256: str | None = None, factors=None) -> None:
         """Append rows: name -> (N, d_l) for every block of the store, in any floating dtype (converted
         to the storage dtype here).
 
@@ -305,6 +307,8 @@ class GradientStore(_CaptureMixin, GradientSet):
         ``data_sha256``: the :func:`batch_digest` of the batch the rows were computed from (the shard
         records it per batch, and :meth:`fill` later checks the data against it); a batch without it
         cannot be checked, so a capture re-run on it refuses (``overwrite=True`` recomputes).
+        ``factors``: the batch's Kronecker-factor sums (``collector.batch_gradients(batch,
+        factors=True)[1]``), required exactly when the store records factors; each shard stores their sum.
 
         Raises:
             ValueError: blocks that do not match the store's names or widths, ragged row counts,
@@ -315,7 +319,13 @@ class GradientStore(_CaptureMixin, GradientSet):
         """
         row0 = self.n_stored + sum(b[1] for b in self._buf)
         tensors, n_new = self._prepare(blocks, row0)
-        self._buf.append((tensors, n_new, data_sha256))
+        if (factors is None) == self.has_factors:
+            raise ValueError(
+                "append: this store records Kronecker factors: pass factors="
+                if self.has_factors
+                else "append: factors= given, but this store was not created for a capture with factors=True"
+            )
+        self._buf.append((tensors, n_new, data_sha256, factors))
         self._buf_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         if self._buf_bytes >= self.shard_bytes:
             self.flush()
@@ -339,7 +349,8 @@ class GradientStore(_CaptureMixin, GradientSet):
         idx = len(shards)
         fname = f"{self._prefix}{idx:05d}.safetensors"
         n_new = sum(b[1] for b in self._buf)
-        data = self._serialise({k: [b[0][k] for b in self._buf] for k in self._dims}, idx)  # no concatenated copy
+        sums = kf.total(b[3] for b in self._buf)
+        data = self._serialise({k: [b[0][k] for b in self._buf] for k in self._dims}, idx, sums)  # no concat copy
         try:
             atomic_write(self.path / fname, data, durable=True)
         except OSError as e:
@@ -353,7 +364,7 @@ class GradientStore(_CaptureMixin, GradientSet):
             "n": n_new,
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
-            "batches": [{"n": n, "data_sha256": d} for _, n, d in self._buf],
+            "batches": [{"n": n, "data_sha256": d} for _, n, d, _ in self._buf],
             "sq_sums": {k: _sq_sum([b[0][k] for b in self._buf]) for k in self._dims},
         }
         shards.append(entry)
@@ -371,14 +382,15 @@ class GradientStore(_CaptureMixin, GradientSet):
         self._verified.add(fname)
         self._buf, self._buf_bytes = [], 0
 
-    def _rewrite_shard(self, idx: int, blocks: Mapping[str, torch.Tensor]) -> None:
-        """Recompute shard ``idx`` in place (atomically) from freshly computed ``blocks``."""
+    def _rewrite_shard(self, idx: int, blocks: Mapping[str, torch.Tensor], sums: Any = None) -> None:
+        """Recompute shard ``idx`` in place (atomically) from freshly computed ``blocks`` (and factor sums)."""
         e = self.manifest["shards"][idx]
         row0 = sum(s["n"] for s in self.manifest["shards"][:idx])
         tensors, n_new = self._prepare(blocks, row0)
         if n_new != e["n"]:  # pragma: no cover - fill() checked the batches' rows against the shard's
             raise StoreError(f"{self.path}: recomputed {n_new} rows for shard {idx}, which holds {e['n']}")
-        data = self._serialise({k: [t] for k, t in tensors.items()}, idx)
+        data = self._serialise({k: [t] for k, t in tensors.items()}, idx, sums)
+        self._factors = None
         try:
             atomic_write(self.path / e["file"], data, durable=True)
         except OSError as ex:
@@ -423,34 +435,10 @@ class GradientStore(_CaptureMixin, GradientSet):
             tensors[name] = c
         return tensors, int(n_new or 0)
 
-    def _serialise(self, pieces: Mapping[str, list[torch.Tensor]], idx: int) -> bytearray:
-        """One shard's safetensors bytes from each block's row pieces (CPU, contiguous, storage dtype),
-        written straight into one buffer (no concatenated copy of the rows). The header holds one
-        metadata key (the format, the shard's index and the capture's fingerprint id, so a shard copied
-        in from another store is recognised); tensors are laid out in name order: deterministic bytes."""
-        meta = {"format": f"{FORMAT}/{idx}/{_fingerprint_id(self.manifest.get('fingerprint') or {})}"}
-        header: dict[str, Any] = {"__metadata__": meta}
-        names = sorted(pieces)
-        off = 0
-        for k in names:
-            ts = pieces[k]
-            rows, width = sum(t.shape[0] for t in ts), ts[0].shape[1]
-            nbytes = rows * width * ts[0].element_size()
-            header[k] = {"dtype": _ST_DTYPE[ts[0].dtype], "shape": [rows, width], "data_offsets": [off, off + nbytes]}
-            off += nbytes
-        h = json.dumps(header, separators=(",", ":")).encode()
-        h += b" " * (-len(h) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        out = bytearray(8 + len(h) + off)
-        out[:8] = len(h).to_bytes(8, "little")
-        out[8 : 8 + len(h)] = h
-        pos, mv = 8 + len(h), memoryview(out)
-        for k in names:
-            for t in pieces[k]:
-                if t.numel():
-                    b = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-                    mv[pos : pos + b.size] = b
-                    pos += b.size
-        return out
+    def _serialise(self, pieces: Mapping[str, list[torch.Tensor]], idx: int, sums: Any = None) -> bytearray:
+        """One shard's bytes (:func:`~.store_format.serialise_shard`), with its factor sums, if any."""
+        extra = None if sums is None else kf.sums_to_tensors(sums)
+        return serialise_shard(pieces, idx, self.manifest.get("fingerprint") or {}, extra)
 
     def _write_manifest(self) -> None:
         self.manifest["format_version"] = max(int(self.manifest.get("format_version", 1)), FORMAT_VERSION)
@@ -558,6 +546,22 @@ class GradientStore(_CaptureMixin, GradientSet):
             except Exception as ex:  # safetensors raises several types on corrupt files
                 raise StoreError(f"{p}: cannot read block {name!r} ({ex})") from None
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @property
+    def has_factors(self) -> bool:
+        """Whether the capture recorded Kronecker factors (``collect(..., factors=True)``)."""
+        return bool((self.manifest.get("fingerprint") or {}).get("factors"))
+
+    @property
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """Kronecker factors block -> (A, S) over all stored rows (METHODS.md §11; float64), the sum of
+        the shards' factor sums (read once, checked like the rows), or None without factors."""
+        if not self.has_factors or not self.manifest["shards"]:
+            return None
+        if self._factors is None:
+            paths = [self._check_shard(e) for e in self.manifest["shards"]]
+            self._factors = kf.normalise(kf.total(kf.read_shard_sums(p, self._dims, StoreError) for p in paths), self.n)
+        return dict(self._factors)
 
     def block_sq_sums(self) -> dict[str, float] | None:
         """Σ_i ‖g_il‖² per block over all rows of this store, as stored (float64, from the ``sq_sums`` its

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..distributed import all_gather_objects, barrier, broadcast_object, is_distributed, rank, split_range, world_size
+from . import factors as kf
 from .store_format import (
     MANIFEST,
     StoreError,
@@ -274,6 +275,12 @@ class _Filler:
         self.repair: dict[int, list[dict[str, torch.Tensor]]] = {}
         self.repaired: list[str] = []
 
+    def _compute(self, batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
+        """(gradients, Kronecker-factor sums or None) of one batch: factors when the store records them."""
+        if self.st.has_factors:
+            return self.col.batch_gradients(batch, factors=True)
+        return self.col.batch_gradients(batch), None
+
     def _label(self, si: int) -> str:
         main = self.st._mname == MANIFEST
         return f"shard {si}" if main else f"shard {self.st.manifest['shards'][si]['file']}"
@@ -285,8 +292,8 @@ class _Filler:
         st = self.st
         if self.mismatch is None and j >= self.stored and not self.complete:  # not stored yet: capture it
             digest = batch_digest(batch)
-            grads = self.col.batch_gradients(batch)
-            st.append(grads, data_sha256=digest)
+            grads, sums = self._compute(batch)
+            st.append(grads, data_sha256=digest, factors=sums)
             self.rows += next(iter(grads.values())).shape[0]
             return
         if self.mismatch is None and j < self.stored:
@@ -309,11 +316,11 @@ class _Filler:
                 if si not in self.problems:
                     self.problems[si] = st._shard_problem(st.manifest["shards"][si])
                 if self.problems[si] is not None:
-                    self.repair.setdefault(si, []).append(self.col.batch_gradients(batch))
+                    self.repair.setdefault(si, []).append(self._compute(batch))
                     if pos == nb - 1:
                         parts = self.repair.pop(si)
-                        blocks = {k: torch.cat([g[k] for g in parts]) for k in parts[0]}
-                        st._rewrite_shard(si, blocks)
+                        blocks = {k: torch.cat([g[k] for g, _ in parts]) for k in parts[0][0]}
+                        st._rewrite_shard(si, blocks, kf.total(f for _, f in parts))
                         e = st.manifest["shards"][si]
                         self.repaired.append(e["file"])
                         log.warning(

@@ -269,6 +269,40 @@ def _sq_sum(pieces: Sequence[torch.Tensor]) -> float:
     return math.fsum(rows)
 
 
+def serialise_shard(
+    pieces: Mapping[str, list[torch.Tensor]], idx: int, fingerprint: Mapping, extra: Mapping[str, torch.Tensor] | None
+) -> bytearray:
+    """One shard's safetensors bytes from each block's row pieces (CPU, contiguous, storage dtype),
+    written straight into one buffer (no concatenated copy of the rows), plus ``extra`` whole tensors
+    (the shard's Kronecker-factor sums, float64). The header holds one metadata key (the format, the
+    shard's index and the capture's fingerprint id, so a shard copied in from another store is
+    recognised); tensors are laid out in name order: deterministic bytes."""
+    pieces = {**pieces, **{k: [t] for k, t in (extra or {}).items()}}
+    meta = {"format": f"{FORMAT}/{idx}/{_fingerprint_id(fingerprint or {})}"}
+    header: dict[str, Any] = {"__metadata__": meta}
+    names = sorted(pieces)
+    off = 0
+    for k in names:
+        ts = pieces[k]
+        rows, width = sum(t.shape[0] for t in ts), ts[0].shape[1]
+        nbytes = rows * width * ts[0].element_size()
+        header[k] = {"dtype": _ST_DTYPE[ts[0].dtype], "shape": [rows, width], "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    out = bytearray(8 + len(h) + off)
+    out[:8] = len(h).to_bytes(8, "little")
+    out[8 : 8 + len(h)] = h
+    pos, mv = 8 + len(h), memoryview(out)
+    for k in names:
+        for t in pieces[k]:
+            if t.numel():
+                b = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+                mv[pos : pos + b.size] = b
+                pos += b.size
+    return out
+
+
 def _entry_batches(e: Mapping) -> list[dict]:
     """The batches a shard holds, [{n, data_sha256}] (format 2 shards held one batch each)."""
     b = e.get("batches")
