@@ -8,6 +8,8 @@ the training example, so positive = harmful, negative = helpful (METHODS.md §0)
 from . import ops
 from .estimators import (
     BIF,
+    EKFAC,
+    KFAC,
     LABEL_FREE_RULE,
     DataInf,
     DiagonalFisher,
@@ -37,11 +39,13 @@ __all__ = [
     "Z0Inf",
     "DataInf",
     "DiagonalFisher",
+    "EKFAC",
     "Estimator",
     "Exact",
     "GradientSet",
     "GradientStore",
     "HessianFree",
+    "KFAC",
     "LiSSA",
     "LoRAGradientCollector",
     "MethodInfo",

@@ -18,12 +18,12 @@ PLANNED = {
 # Estimator and GradientSet members API.md promises (its code blocks name them on instances).
 ESTIMATOR_METHODS = ("fit", "score", "self_influence", "topk")
 GRADIENT_SET_MEMBERS = ("n", "names", "dims", "dim", "matrix", "to", "subset", "from_matrix", "from_dicts")
-ESTIMATORS = ("HessianFree", "DiagonalFisher", "DataInf", "LiSSA", "RRInf", "RRInfFixedPoint", "Exact")
+ESTIMATORS = ("HessianFree", "DiagonalFisher", "DataInf", "LiSSA", "RRInf", "RRInfFixedPoint", "Exact", "KFAC", "EKFAC")
 EVAL_NAMES = ("mislabel_auc", "detection_curve", "class_detection", "agreement", "mislabel_experiment",
               "class_detection_experiment", "lds")  # fmt: skip
 OPS = ("lora_per_sample_grads", "datainf_inverse_sum", "rrinf_row_updates", "trace_cov")
-CANONICAL = ["hessian_free", "diagonal_fisher", "datainf", "lissa", "rrinf", "rrinf_fixed_point", "exact", "z0inf",
-             "bif"]  # fmt: skip
+CANONICAL = ["hessian_free", "diagonal_fisher", "datainf", "lissa", "rrinf", "rrinf_fixed_point", "exact", "kfac",
+             "ekfac", "z0inf", "bif"]  # fmt: skip
 
 
 def resolve(dotted: str):

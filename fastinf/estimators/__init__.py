@@ -15,6 +15,7 @@ from .bif import BIF
 from .damping import LABEL_FREE_RULE, select_damping
 from .datainf import DataInf
 from .exact import Exact
+from .kfac import EKFAC, KFAC
 from .lissa import LiSSA
 from .rrinf import RRInf, RRInfFixedPoint
 from .simple import DiagonalFisher, HessianFree
@@ -23,6 +24,8 @@ from .z0inf import Z0Inf
 
 __all__ = [
     "BIF",
+    "EKFAC",
+    "KFAC",
     "LABEL_FREE_RULE",
     "BaseEstimator",
     "MethodInfo",

@@ -46,6 +46,8 @@ _CANONICAL_ORDER = [
     "rrinf",
     "rrinf_fixed_point",
     "exact",
+    "kfac",
+    "ekfac",
     "z0inf",
     "bif",
 ]
