@@ -405,6 +405,9 @@ class GradsCommand(Command):
         parser.add_argument("--batch-size", type=_positive_int, default=16)
         parser.add_argument("--max-length", type=_positive_int, default=128)
         parser.add_argument("--projection", type=_positive_int, default=None, help="random projection dim per block")
+        parser.add_argument(
+            "--factors", action="store_true", help="also store the Kronecker factors (for --method kfac / ekfac)"
+        )
         parser.add_argument("--overwrite", action="store_true", help="replace a store made with other arguments")
         parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of a fresh adapter's weights")
         parser.add_argument("--no-progress", action="store_true")
@@ -428,6 +431,7 @@ class GradsCommand(Command):
             overwrite=args.overwrite,
             seed=args.seed,
             progress=not args.no_progress,
+            factors=args.factors,
         )
         print(f"{store.n} examples × {len(store.names)} blocks (D = {store.dim}) in {args.out}")
         return 0

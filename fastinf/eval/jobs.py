@@ -29,7 +29,7 @@ from ..version import __version__
 
 __all__ = ["BENCHMARKS", "capture_jsonl", "run_benchmark", "score_stores", "system_info"]
 
-BENCHMARKS = ("estimators", "capture", "traces", "ops", "scale", "store_dtype")
+BENCHMARKS = ("estimators", "capture", "traces", "ops", "scale", "store_dtype", "kfac")
 SCORE_FORMATS = (".safetensors", ".csv")
 
 
@@ -164,6 +164,7 @@ def capture_jsonl(
     overwrite: bool = False,
     seed: int = 0,
     progress: bool = True,
+    factors: bool = False,
 ) -> GradientStore:
     """Per-example LoRA gradients of every row of a JSON-lines file into a resumable GradientStore.
 
@@ -174,10 +175,12 @@ def capture_jsonl(
     seeded adapter of rank ``r`` on ``targets``. Re-running the same call resumes an interrupted
     capture; a store made with other data or arguments is refused unless ``overwrite``. Inside a
     torch.distributed process group every rank calls this with the same arguments and captures its
-    share of the batches into the same store.
+    share of the batches into the same store. ``factors``: also store every block's Kronecker factors
+    (``collect(..., factors=True)``), which the ``kfac`` / ``ekfac`` methods need on a training store.
 
     Raises:
-        ValueError: missing file or fields, unknown model, a store made with other arguments.
+        ValueError: missing file or fields, unknown model, a store made with other arguments,
+            ``factors`` with a ``projection``.
     """
     from . import hf
 
@@ -201,7 +204,7 @@ def capture_jsonl(
         max_length=max_length,
     )
     col = LoRAGradientCollector(net, include_modules_to_save=classifier, projection=projection)
-    return col.collect(loader, store=out, progress=progress, overwrite=overwrite)
+    return col.collect(loader, store=out, progress=progress, overwrite=overwrite, factors=factors)
 
 
 def _row_check(text_field: str, label_field: str | None, num_labels: int) -> Callable[[dict[str, Any]], str | None]:

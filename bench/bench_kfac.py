@@ -1,0 +1,295 @@
+"""K-FAC and EK-FAC: fastinf against kronfluence on the same trained demo model (issue 14).
+
+One run trains the demo's model once — MiniLM + LoRA (query, value; r = 8) and a trained
+classification head on Rotten Tomatoes, ``n_train`` examples with 20 % of the labels flipped
+(:class:`fastinf.eval.experiments.mislabel.MislabelSettings`, data seed ``--seed``) — and then:
+
+* **fastinf**: captures the per-example gradients *with* the Kronecker factors (``collect(...,
+  factors=True)``; also once without, for the factors' overhead), then fits and scores every gradient
+  method on the mean test loss, K-FAC and EK-FAC included (EK-FAC's eigenvalues from the captured
+  gradients: no second capture);
+* **kronfluence** (when importable; never a fastinf dependency: ``--kron DIR`` puts a
+  ``pip install --no-deps --target DIR kronfluence einops einconv opt_einsum`` on ``sys.path`` for this
+  run only): tracks the same LoRA / head ``nn.Linear`` modules (padding masked), fits the factors and
+  computes pairwise scores for EK-FAC (its default, sampled-label Fisher), EK-FAC with the empirical
+  Fisher, K-FAC and the identity; each strategy's fit and scoring are timed separately.
+
+Rows: time of every step; per method the mislabel AUC and the Spearman correlation of its mean-test
+scores with kronfluence's EK-FAC (and with kronfluence's strategy of the same name), in ``note``
+(kronfluence's scores are negated: its positive is helpful, fastinf's harmful); the totals "capture +
+every fastinf method" vs "one kronfluence EK-FAC fit + scoring" (``speedup``).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_kfac.py --kron /tmp/kron        # n = 600, seed 0
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_kfac.py --quick --kron /tmp/kron
+"""
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # the repository root: ``bench.utils``
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fastinf  # noqa: E402
+from bench import utils as bu  # noqa: E402
+from fastinf.eval import hf  # noqa: E402
+from fastinf.eval.experiments.mislabel import MislabelSettings  # noqa: E402
+from fastinf.eval.metrics import agreement, mislabel_auc  # noqa: E402
+from fastinf.eval.runner import run_gradient_methods  # noqa: E402
+
+KRON_STRATEGIES = (("ekfac", False), ("ekfac", True), ("kfac", False), ("identity", False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0, help="data seed (flips, split, training)")
+    ap.add_argument(
+        "--kron",
+        default=os.environ.get("FASTINF_KRONFLUENCE_PATH"),
+        help="directory holding kronfluence and its pure-python deps (put on sys.path for this run only)",
+    )
+    ap.add_argument("--no-kron", action="store_true", help="fastinf only")
+    ap.add_argument("--methods", default=None, help="comma-separated fastinf methods (default: every gradient one)")
+    bu.add_output_args(ap, "bench_kfac", quick_help="n_train = 160, n_test = 40, 3 epochs (a few minutes)")
+    return ap
+
+
+def import_kronfluence(path: str | None):
+    """The kronfluence module, or None (with the reason printed)."""
+    if path:
+        sys.path.insert(0, str(path))
+    try:
+        import kronfluence  # noqa: F401
+        from kronfluence.analyzer import Analyzer  # noqa: F401
+    except ImportError as e:
+        print(
+            f"bench_kfac: kronfluence is not importable ({e}); the kronfluence rows are skipped. Install it into a "
+            "directory of its own (pip install --no-deps --target DIR kronfluence einops einconv opt_einsum) "
+            "and pass --kron DIR",
+            flush=True,
+        )
+        return None
+    return kronfluence
+
+
+# ------------------------------------------------------------------------------------ the demo model
+def train_demo(s: MislabelSettings, seed: int):
+    """The mislabel experiment's seed: data split, flips, the trained model (its code, replayed)."""
+    from fastinf.data import rotten_tomatoes
+
+    texts, labels = rotten_tomatoes()
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(texts))
+    tr_idx, te_idx = perm[: s.n_train], perm[s.n_train : s.n_train + s.n_test]
+    y_tr = labels[tr_idx].copy()
+    flipped = np.zeros(s.n_train, dtype=bool)
+    flipped[rng.choice(s.n_train, int(round(s.flip * s.n_train)), replace=False)] = True
+    y_tr[flipped] = 1 - y_tr[flipped]
+    torch.manual_seed(seed)
+    tok, net = hf.text_classifier("minilm", 2, s.lora_r)
+
+    def enc(idx):
+        return tok([texts[i] for i in idx], truncation=True, max_length=s.max_length)
+
+    train_ds, test_ds = hf.TextDataset(enc(tr_idx), y_tr), hf.TextDataset(enc(te_idx), labels[te_idx])
+    with tempfile.TemporaryDirectory(prefix="fastinf-bench-kfac-") as work:
+        t0 = time.perf_counter()
+        hf.train_classifier(
+            net,
+            train_ds,
+            tok,
+            batch_size=s.batch_size,
+            epochs=s.epochs,
+            lr_lora=s.lr_lora,
+            lr_head=s.lr_head,
+            checkpoints_per_epoch=1,
+            seed=seed,
+            ck_dir=Path(work) / "checkpoints",
+            progress=False,
+        )
+        print(f"trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    return tok, net, train_ds, test_ds, flipped
+
+
+# ------------------------------------------------------------------------------------ kronfluence
+def kron_task(modules: list[str]):
+    import torch.nn.functional as F
+    from kronfluence.task import Task
+
+    class ClassificationTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            if not sample:
+                return F.cross_entropy(logits, batch["labels"], reduction="sum")
+            with torch.no_grad():
+                drawn = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+            return F.cross_entropy(logits, drawn, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            return F.cross_entropy(logits, batch["labels"], reduction="sum")
+
+        def get_influence_tracked_modules(self):
+            return modules
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    return ClassificationTask()
+
+
+def kron_run(net, tok, train_ds, test_ds, modules, strategy, empirical, work, batch_size):
+    """(fit seconds, score seconds, fastinf-signed mean-test scores (n,)) of one kronfluence strategy."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+    from transformers import DataCollatorWithPadding
+
+    task = kron_task(modules)
+    model = prepare_model(copy.deepcopy(net), task)
+    name = f"{strategy}{'_emp' if empirical else ''}"
+    an = Analyzer(analysis_name=name, model=model, task=task, cpu=True, output_dir=str(work), disable_tqdm=True)
+    an.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=DataCollatorWithPadding(tok, return_tensors="pt")))
+    fa = FactorArguments(strategy=strategy, use_empirical_fisher=empirical)
+    t0 = time.perf_counter()
+    an.fit_all_factors(
+        factors_name=name, dataset=train_ds, per_device_batch_size=batch_size, factor_args=fa, overwrite_output_dir=True
+    )
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = an.compute_pairwise_scores(
+        scores_name=name,
+        factors_name=name,
+        query_dataset=test_ds,
+        train_dataset=train_ds,
+        per_device_query_batch_size=len(test_ds),
+        per_device_train_batch_size=batch_size,
+        score_args=ScoreArguments(),
+        overwrite_output_dir=True,
+    )
+    score_s = time.perf_counter() - t0
+    return fit_s, score_s, -scores["all_modules"].double().mean(0)  # kronfluence: positive = helpful
+
+
+def tracked_modules(col: fastinf.LoRAGradientCollector) -> list[str]:
+    """The module names (lora_A, lora_B, head Linear) of the collector's blocks."""
+    names = []
+    for b in col.block_names:
+        m = b.rsplit(".", 1)[0]
+        if m not in names:
+            names.append(m)
+    return names
+
+
+# ------------------------------------------------------------------------------------ the run
+def run(a: argparse.Namespace) -> int:
+    bu.set_torch_threads()
+    s = MislabelSettings.quick() if a.quick else MislabelSettings()
+    kron = None if a.no_kron else import_kronfluence(a.kron)
+    tok, net, train_ds, test_ds, flipped = train_demo(s, a.seed)
+    shape = f"n={s.n_train} m={s.n_test} seed={a.seed}"
+    rows = bu.RowBuilder(printer=bu.LinePrinter([("op", 22), ("backend", 12), ("method", 20), ("median_s", 9)]))
+    tr_loader = hf.text_loader(train_ds, tok, s.batch_size)
+    te_loader = hf.text_loader(test_ds, tok, s.batch_size)
+    col = fastinf.LoRAGradientCollector(net, include_modules_to_save=True)
+
+    t0 = time.perf_counter()
+    col.collect(tr_loader, progress=False)
+    plain_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gtr = col.collect(tr_loader, progress=False, factors=True)
+    gte = col.collect(te_loader, progress=False)
+    cap_s = time.perf_counter() - t0
+    rows.add(op="capture", backend="fastinf", method="train (no factors)", shape=shape, median_s=plain_s)
+    rows.add(
+        op="capture",
+        backend="fastinf",
+        method="train factors + test",
+        shape=shape,
+        median_s=cap_s,
+        note=f"D={gtr.dim}; blocks={len(gtr.names)}",
+    )
+
+    methods = a.methods.split(",") if a.methods else fastinf.available_methods("gradients")
+    runs = run_gradient_methods(gtr, gte, methods, reduce="mean", seeds=(0,), progress=False)
+    fast: dict[str, torch.Tensor] = {}
+    for name, r in runs.items():
+        if r.error:
+            rows.add(op="fit+score(mean)", backend="fastinf", method=name, shape=shape, note=f"error: {r.error}")
+            continue
+        fast[name] = r.scores[0]
+    kr: dict[str, tuple[float, float, torch.Tensor]] = {}
+    if kron is not None:
+        modules = tracked_modules(col)
+        print(f"kronfluence {kron.__version__}: {len(modules)} modules", flush=True)
+        with tempfile.TemporaryDirectory(prefix="fastinf-bench-kron-") as work:
+            for strategy, emp in KRON_STRATEGIES:
+                label = f"{strategy}{' (empirical)' if emp else ''}"
+                kr[label] = kron_run(net, tok, train_ds, test_ds, modules, strategy, emp, work, s.batch_size)
+    ref = kr.get("ekfac", (None, None, None))[2]
+    same = {"ekfac": "ekfac (empirical)", "kfac": "kfac", "hessian_free": "identity"}
+
+    def notes(scores: torch.Tensor, own: str | None) -> str:
+        out = [f"mislabel_auc={mislabel_auc(scores, flipped):.4f}"]
+        if ref is not None:
+            out.append(f"spearman_vs_kron_ekfac={agreement(scores, ref)['spearman']:.4f}")
+        if own is not None and own in kr:
+            out.append(
+                f"spearman_vs_kron_{own.replace(' ', '_').strip('()')}={agreement(scores, kr[own][2])['spearman']:.4f}"
+            )
+        return "; ".join(out)
+
+    total = cap_s
+    for name, r in runs.items():
+        if name in fast:
+            total += r.seconds[0]
+            lam = r.info.get("lambda")
+            rows.add(
+                op="fit+score(mean)",
+                backend="fastinf",
+                method=name,
+                shape=shape,
+                median_s=r.seconds[0],
+                note=notes(fast[name], same.get(name)) + (f"; lambda={lam}" if isinstance(lam, float) else ""),
+            )
+    for label, (fit_s, score_s, sc) in kr.items():
+        rows.add(op="fit_factors", backend="kronfluence", method=label, shape=shape, median_s=fit_s)
+        rows.add(
+            op="score(pairwise)",
+            backend="kronfluence",
+            method=label,
+            shape=shape,
+            median_s=score_s,
+            note=notes(sc, None),
+        )
+    base = kr.get("ekfac")
+    rows.add(
+        op="capture+all_methods",
+        backend="fastinf",
+        method=f"{len(fast)} methods",
+        shape=shape,
+        median_s=total,
+        baseline="kronfluence ekfac fit+score" if base else None,
+        baseline_median_s=(base[0] + base[1]) if base else None,
+        speedup=((base[0] + base[1]) / total) if base else None,
+        note="capture with factors + test capture + fit+score(mean) of every method",
+    )
+    path = bu.write_csv(rows.rows, bu.output_path(a, "bench_kfac"), append=a.append)
+    print(f"wrote {path}", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    return bu.run_script(build_parser(), argv, run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
