@@ -1,6 +1,7 @@
 """Numeric ops. Each has ``<op>_reference`` (pure PyTorch: CPU path and test oracle) and ``<op>``
-(dispatcher: the backends in the order of the static table ``_dispatch.DISPATCH_TABLE``, today CUDA
-extension > Triton > PyTorch; see :func:`backends`)."""
+(dispatcher: ``backend="auto"`` follows the static table ``_dispatch.DISPATCH_TABLE``, per op and shape class
+in the order a GPU measurement supports, the PyTorch reference where nothing has been measured yet; see
+:func:`backends`)."""
 
 from ._dispatch import backends
 from .datainf_inverse_sum import datainf_inverse_sum, datainf_inverse_sum_reference

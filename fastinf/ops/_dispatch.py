@@ -1,10 +1,14 @@
 """Backend choice for the numeric ops, read from one static table: :data:`DISPATCH_TABLE`.
 
-For every op the table lists its backends in the order ``backend="auto"`` tries them; each row names the
-module and function that implement the op and the check that decides whether that function takes the given
-inputs. ``auto`` takes the first backend that can run the op on the given tensors and logs the choice once per
-(op, backend, device type). An explicitly requested backend that cannot run raises ``RuntimeError`` naming the
-op, the backend, the device and the reason; it never falls back silently. The environment variable
+For every op the table lists its implementations (:class:`Backend`: the module and function of each backend and
+the check that decides whether that function takes the given inputs) and its ``auto`` routes (:class:`Route`:
+per shape class, the backends ``backend="auto"`` tries on a CUDA device, in order, and the measurement that
+order comes from). A route may put a kernel before the PyTorch reference only with a citation of the GPU
+measurement behind it; an unmeasured shape class runs the reference on the GPU too. On a CPU ``auto`` runs the
+reference. ``auto`` takes the first backend of the route that can run the op on the given tensors (the
+reference when none can) and logs the choice once per (op, backend, device type). An explicitly requested
+backend that cannot run raises ``RuntimeError`` naming the op, the backend, the device and the reason; it never
+falls back silently. The environment variable
 ``FASTINF_BACKEND`` (``auto``/``cuda``/``triton``/``torch``) overrides ``backend="auto"`` and then counts as an
 explicit request.
 
@@ -33,7 +37,7 @@ BACKENDS = ("cuda", "triton", "torch")
 
 @dataclass(frozen=True)
 class Backend:
-    """One row of :data:`DISPATCH_TABLE`: ``module.function`` implements the op on backend ``name``.
+    """One implementation of an op: ``module.function`` on backend ``name``.
 
     ``supports`` (``"module:function"``, optional) has the op's signature and returns ``None`` if the
     implementation takes these inputs, else the reason (e.g. an unsupported dtype); ``auto`` then moves on.
@@ -45,41 +49,114 @@ class Backend:
     supports: str | None = None
 
 
+@dataclass(frozen=True)
+class Route:
+    """One shape class of an op under ``backend="auto"`` on a CUDA device.
+
+    ``when`` (``"module:function"``, optional) has the op's signature and returns True for inputs of this class;
+    the op's last route has ``when=None`` and takes the rest. ``order``: the backends tried, first that can run
+    wins (the reference ends every order). ``measured``: where the order comes from (a results file and its
+    rows); None means not measured on a GPU, and then ``order`` is the reference alone.
+    """
+
+    shapes: str  # the class in words, e.g. "m <= 8"
+    order: tuple[str, ...]
+    measured: str | None = None
+    when: str | None = None
+    why: str = ""  # what else the choice rests on (e.g. a traffic model), for the reader
+
+
+@dataclass(frozen=True)
+class OpEntry:
+    """An op's row of :data:`DISPATCH_TABLE`: its implementations and its ``auto`` routes."""
+
+    backends: tuple[Backend, ...]
+    routes: tuple[Route, ...]
+
+
 _EXT = "fastinf._ext.ops"
 _K = "fastinf.kernels"
 _COMMON = "fastinf.kernels._common"  # the checks the CUDA and Triton kernels share
+_REF = ("torch",)
+_UNMEASURED = "no kernel has run on a GPU yet (bench/gpu_check.sh pending): the PyTorch reference until measured"
 
-# op -> its backends in the order ``auto`` tries them; the ``torch`` row is the op's PyTorch reference and
-# always runs. No backend has been measured on a GPU yet (bench/results holds CPU timings of the reference
-# only), so every op keeps the order it had before this table existed: CUDA extension > Triton > PyTorch.
-# A later issue replaces it with the order the GPU measurements support (per shape class where they differ).
-# A backend without a row for an op has no kernel for it: ``backend=<it>`` raises, ``auto`` does not try it.
-DISPATCH_TABLE: dict[str, tuple[Backend, ...]] = {
-    "lora_per_sample_grads": (
-        Backend("cuda", _EXT, "lora_per_sample_grads_cuda", f"{_COMMON}:supports_lora"),
-        Backend("triton", f"{_K}.lora_per_sample_grads", "lora_per_sample_grads_triton", f"{_COMMON}:supports_lora"),
-        Backend("torch", "fastinf.ops.lora_per_sample_grads", "lora_per_sample_grads_reference"),
+# op -> implementations and auto routes. The kernels are never picked by ``auto`` before a GPU measurement:
+# bench/gpu_check.sh writes bench/results/gpu/bench_ops.csv (each kernel against the bf16 unfused baseline and the
+# roofline, per shape); a route then lists the backends in the order those rows support, citing them, e.g.
+#   Route("N*S >= 4096", ("triton", "cuda", "torch"), measured="bench/results/gpu/bench_ops.csv: lora N=16 ...")
+# A backend without an implementation for an op has no kernel for it: ``backend=<it>`` raises, ``auto`` skips it.
+DISPATCH_TABLE: dict[str, OpEntry] = {
+    "lora_per_sample_grads": OpEntry(
+        (
+            Backend("cuda", _EXT, "lora_per_sample_grads_cuda", f"{_COMMON}:supports_lora"),
+            Backend(
+                "triton", f"{_K}.lora_per_sample_grads", "lora_per_sample_grads_triton", f"{_COMMON}:supports_lora"
+            ),
+            Backend("torch", "fastinf.ops.lora_per_sample_grads", "lora_per_sample_grads_reference"),
+        ),
+        (Route("all shapes", _REF, why=_UNMEASURED),),
     ),
-    "datainf_inverse_sum": (
-        Backend("cuda", _EXT, "datainf_inverse_sum_cuda", f"{_COMMON}:supports_datainf"),
-        Backend("triton", f"{_K}.datainf_inverse_sum", "datainf_inverse_sum_triton", f"{_COMMON}:supports_datainf"),
-        Backend("torch", "fastinf.ops.datainf_inverse_sum", "datainf_inverse_sum_reference"),
+    "datainf_inverse_sum": OpEntry(
+        (
+            Backend("cuda", _EXT, "datainf_inverse_sum_cuda", f"{_COMMON}:supports_datainf"),
+            Backend("triton", f"{_K}.datainf_inverse_sum", "datainf_inverse_sum_triton", f"{_COMMON}:supports_datainf"),
+            Backend("torch", "fastinf.ops.datainf_inverse_sum", "datainf_inverse_sum_reference"),
+        ),
+        (
+            # the small-m path: the tensor-core kernels pad m to 64-row tiles (at m = 1, ~192x the useful flops of
+            # two bandwidth-bound GEMVs: bench/bench_ops.py traffic model), so m <= 8 stays on the reference's
+            # GEMVs even after the kernels are measured for large m
+            Route("m <= 8", _REF, when="fastinf.ops.datainf_inverse_sum:small_m", why="GEMV-shaped: " + _UNMEASURED),
+            Route("m > 8", _REF, why=_UNMEASURED),
+        ),
     ),
-    "rrinf_row_updates": (
-        Backend("cuda", _EXT, "rrinf_row_updates_cuda", f"{_COMMON}:supports_rrinf"),
-        # the Triton check adds the kernel's size limit (Ω kept in registers)
-        Backend("triton", f"{_K}.rrinf_row_updates", "rrinf_row_updates_triton", f"{_K}.rrinf_row_updates:supports"),
-        Backend("torch", "fastinf.ops.rrinf_row_updates", "rrinf_row_updates_reference"),
+    "rrinf_row_updates": OpEntry(
+        (
+            Backend("cuda", _EXT, "rrinf_row_updates_cuda", f"{_COMMON}:supports_rrinf"),
+            # the Triton check adds the kernel's size limit (Ω kept in registers)
+            Backend(
+                "triton", f"{_K}.rrinf_row_updates", "rrinf_row_updates_triton", f"{_K}.rrinf_row_updates:supports"
+            ),
+            Backend("torch", "fastinf.ops.rrinf_row_updates", "rrinf_row_updates_reference"),
+        ),
+        (Route("all shapes", _REF, why=_UNMEASURED),),
     ),
-    "trace_cov": (
-        Backend("triton", f"{_K}.trace_cov", "trace_cov_triton", f"{_K}.trace_cov:supports_trace_cov"),
-        Backend("torch", "fastinf.ops.trace_cov", "trace_cov_reference"),
+    "trace_cov": OpEntry(
+        (
+            Backend("triton", f"{_K}.trace_cov", "trace_cov_triton", f"{_K}.trace_cov:supports_trace_cov"),
+            Backend("torch", "fastinf.ops.trace_cov", "trace_cov_reference"),
+        ),
+        (Route("all shapes", _REF, why=_UNMEASURED),),
     ),
-    "trace_cov_topk": (
-        Backend("triton", f"{_K}.trace_cov", "trace_cov_topk_triton", f"{_K}.trace_cov:supports_trace_cov_topk"),
-        Backend("torch", "fastinf.ops.trace_cov", "trace_cov_topk_reference"),
+    "trace_cov_topk": OpEntry(
+        (
+            Backend("triton", f"{_K}.trace_cov", "trace_cov_topk_triton", f"{_K}.trace_cov:supports_trace_cov_topk"),
+            Backend("torch", "fastinf.ops.trace_cov", "trace_cov_topk_reference"),
+        ),
+        (Route("all shapes", _REF, why=_UNMEASURED),),
     ),
 }
+
+
+def check_table(table: dict[str, OpEntry] | None = None) -> None:
+    """The table's rules (tests/ops check them): one implementation per backend, a ``torch`` one; routes that
+    end with the catch-all (``when=None``) and with the reference, name only implemented backends, and put a
+    kernel in the order only with a measurement cited. Raises ValueError naming the op and the rule."""
+    for op, entry in (DISPATCH_TABLE if table is None else table).items():
+        names = [b.name for b in entry.backends]
+        if len(names) != len(set(names)) or "torch" not in names or not set(names) <= set(BACKENDS):
+            raise ValueError(f"DISPATCH_TABLE[{op!r}]: backends {names} (one each of {BACKENDS}, torch included)")
+        if not entry.routes or entry.routes[-1].when is not None:
+            raise ValueError(f"DISPATCH_TABLE[{op!r}]: the last route must take every input (when=None)")
+        for r in entry.routes:
+            if not r.order or r.order[-1] != "torch" or not set(r.order) <= set(names):
+                raise ValueError(f"DISPATCH_TABLE[{op!r}] route {r.shapes!r}: order {r.order} must end with torch")
+            if r.order != _REF and not r.measured:
+                raise ValueError(
+                    f"DISPATCH_TABLE[{op!r}] route {r.shapes!r}: a kernel in the auto order needs the GPU "
+                    "measurement it comes from (measured=...)"
+                )
+
 
 # backend -> "module:function" called once before the backend's first op (loads or JIT-builds the extension)
 BACKEND_SETUP: dict[str, str] = {"cuda": "fastinf._ext.build:load"}
@@ -98,7 +175,8 @@ def _attr(path: str):
 
 
 def _row(op: str, backend: str) -> Backend | None:
-    return next((r for r in DISPATCH_TABLE.get(op, ()) if r.name == backend), None)
+    entry = DISPATCH_TABLE.get(op)
+    return None if entry is None else next((r for r in entry.backends if r.name == backend), None)
 
 
 def _load_row(op: str, row: Backend) -> tuple[Callable, Callable[..., str | None] | None]:
@@ -152,8 +230,8 @@ def _ensure_loaded(backend: str) -> str | None:
         try:
             if backend in BACKEND_SETUP:
                 _attr(BACKEND_SETUP[backend])()
-            for op, rows in DISPATCH_TABLE.items():
-                for row in rows:
+            for op, entry in DISPATCH_TABLE.items():
+                for row in entry.backends:
                     if row.name == backend:
                         _load_row(op, row)
         except Exception as e:  # noqa: BLE001 - any load/build failure becomes the backend's reason
@@ -201,6 +279,17 @@ def _reason(op: str, backend: str, device: torch.device, args: tuple, kwargs: di
     return why
 
 
+def route(op: str, args: tuple = (), kwargs: dict | None = None) -> Route:
+    """The ``auto`` route of ``op`` for these inputs: the first whose ``when`` accepts them (the last without
+    inputs)."""
+    routes = DISPATCH_TABLE[op].routes
+    if args:
+        for r in routes:
+            if r.when is None or _attr(r.when)(*args, **(kwargs or {})):
+                return r
+    return routes[-1]
+
+
 def select(op: str, backend: str, device: torch.device, args: tuple = (), kwargs: dict | None = None):
     """``(backend name, implementation)`` for ``op`` on these inputs; the ``torch`` implementation is the op's
     PyTorch reference."""
@@ -208,17 +297,17 @@ def select(op: str, backend: str, device: torch.device, args: tuple = (), kwargs
     requested = _requested(backend)
     if requested == "auto":
         skipped = []
-        for row in DISPATCH_TABLE[op]:
-            if row.name != "torch":
-                if device.type != "cuda":  # the kernels need a CUDA device: nothing to try or report
-                    continue
-                why = _reason(op, row.name, device, args, kwargs)
+        order = route(op, args, kwargs).order if device.type == "cuda" else _REF  # the kernels need a CUDA device
+        for name in order:
+            if name != "torch":
+                why = _reason(op, name, device, args, kwargs)
                 if why is not None:
-                    skipped.append(f"{row.name}: {why}")
+                    skipped.append(f"{name}: {why}")
                     continue
-            _log_choice(op, row.name, device, skipped)
-            return row.name, _load_row(op, row)[0]
-        raise RuntimeError(f"fastinf.ops.{op}: no backend can run on {device}: {'; '.join(skipped)}")
+            _log_choice(op, name, device, skipped)
+            return name, _load_row(op, _row(op, name))[0]
+        _log_choice(op, "torch", device, skipped)  # (an order always ends with torch; kept for a hand-made table)
+        return "torch", _load_row(op, _row(op, "torch"))[0]
     why = _reason(op, requested, device, args, kwargs)
     if why is not None:
         raise RuntimeError(f"fastinf.ops.{op}: backend {requested!r} cannot run on {device}: {why}")
@@ -244,3 +333,6 @@ def implementation(op: str, backend: str) -> Callable | None:
     check), or None where the table has no such row."""
     row = _row(op, backend)
     return None if row is None else _load_row(op, row)[0]
+
+
+check_table()

@@ -10,7 +10,9 @@ import torch
 
 from ._dispatch import select
 
-__all__ = ["datainf_inverse_sum", "datainf_inverse_sum_reference"]
+__all__ = ["datainf_inverse_sum", "datainf_inverse_sum_reference", "small_m", "SMALL_M"]
+
+SMALL_M = 8  # up to this many test vectors the op is two GEMVs (the dispatcher's small-m route)
 
 
 def _check(G: torch.Tensor, T: torch.Tensor, lam: float) -> None:
@@ -52,14 +54,23 @@ def datainf_inverse_sum_reference(
     return (Tc - S / n) / lam
 
 
+def small_m(G: torch.Tensor, T: torch.Tensor, lam: float, **_) -> bool:
+    """The dispatcher's small-m shape class: at most :data:`SMALL_M` test vectors (bandwidth-bound GEMVs)."""
+    return T.shape[0] <= SMALL_M
+
+
 def datainf_inverse_sum(
     G: torch.Tensor, T: torch.Tensor, lam: float, *, backend: str = "auto", **kwargs
 ) -> torch.Tensor:
     """Dispatching version of :func:`datainf_inverse_sum_reference` (same contract and keyword options).
 
-    ``backend``: ``"auto"`` (CUDA extension > Triton > PyTorch, see :func:`fastinf.ops.backends`),
-    ``"cuda"``, ``"triton"`` or ``"torch"``. The kernels accept float16/bfloat16/float32 inputs and
-    accumulate in float32; float64 runs on the PyTorch reference.
+    ``backend``: ``"auto"`` (the route of ``fastinf.ops._dispatch.DISPATCH_TABLE`` for this shape class: the
+    small-m class m ≤ 8 and the rest), ``"cuda"``, ``"triton"`` or ``"torch"``. The kernels accept
+    float16/bfloat16/float32 inputs and accumulate in float32; float64 runs on the PyTorch reference.
+
+    Raises:
+        ValueError: bad shapes or λ ≤ 0.
+        RuntimeError: an explicit ``backend`` that cannot run these inputs (the reason is in the message).
     """
     _check(G, T, lam)
     _, fn = select("datainf_inverse_sum", backend, G.device, (G, T, lam), kwargs)

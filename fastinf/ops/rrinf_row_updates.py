@@ -97,7 +97,8 @@ def rrinf_row_updates(
 ) -> torch.Tensor:
     """Dispatching version of :func:`rrinf_row_updates_reference` (same contract).
 
-    ``backend``: ``"auto"`` (CUDA extension > Triton > PyTorch), ``"cuda"``, ``"triton"`` or ``"torch"``.
+    ``backend``: ``"auto"`` (the route of ``fastinf.ops._dispatch.DISPATCH_TABLE``), ``"cuda"``, ``"triton"``
+    or ``"torch"``.
     The kernels run all steps in one launch; Ω is kept in float32 on chip (float64 runs on the reference).
     """
     _check(rows, targets, omega, lr, reg, batch_size)

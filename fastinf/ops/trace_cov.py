@@ -93,7 +93,7 @@ def trace_cov_reference(
 def trace_cov(X: torch.Tensor, Y: torch.Tensor, normalize: bool = False, *, backend: str = "auto", **kw):
     """Dispatching version of :func:`trace_cov_reference` (same contract and keyword options).
 
-    ``backend``: ``"auto"`` (CUDA extension > Triton > PyTorch, see :func:`fastinf.ops.backends`),
+    ``backend``: ``"auto"`` (the route of ``fastinf.ops._dispatch.DISPATCH_TABLE``; no CUDA kernel),
     ``"cuda"``, ``"triton"`` or ``"torch"``. The Triton kernel takes float16/bfloat16/float32 inputs,
     accumulates in float32 and returns float32; float64 inputs (or ``dtype=torch.float64``) run on the
     PyTorch reference, which returns float64 by default.

@@ -71,7 +71,73 @@ def test_lora_per_sample_grads(backend, dtype, shape, fresh_seed):
     _check(got[2], exact[2], 2 * (err_a + err_b), dtype, f"{b} squared norms", fresh_seed)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r", [1, 20, 64, 100])
+def test_lora_hooked_u_and_ranks(backend, dtype, r, fresh_seed):
+    """u = A x passed in (as the capture hook records it) gives the same gradients; ranks over one tile."""
+    b = require_backend(backend)
+    x = torch.randn(2, 70, 96, device="cuda").to(dtype)
+    dy = torch.randn(2, 70, 80, device="cuda").to(dtype)
+    A = (torch.randn(r, 96, device="cuda") / 96**0.5).to(dtype)
+    B = torch.randn(80, r, device="cuda").to(dtype)
+    u = x @ A.T  # in the input dtype, like the model's lora_A output
+    exact = ops.lora_per_sample_grads_reference(x.double(), dy.double(), A.double(), B.double(), 2.0, u=u)
+    lowp = _lora_lowp(x, dy, A, B, 2.0, None)
+    got = ops.lora_per_sample_grads(x, dy, A, B, 2.0, u=u, backend=b)
+    for k, what in ((0, "gA"), (1, "gB")):
+        _check(got[k], exact[k], rel_err(lowp[k], exact[k]), dtype, f"{b} {what} (u given, r={r})", fresh_seed)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_lora_more_than_65535_examples(backend):
+    b = require_backend(backend)
+    N = 70_000
+    x, dy = torch.randn(N, 3, 16, device="cuda"), torch.randn(N, 3, 24, device="cuda")
+    A, B = torch.randn(4, 16, device="cuda"), torch.randn(24, 4, device="cuda")
+    got = ops.lora_per_sample_grads(x, dy, A, B, backend=b)
+    ref = ops.lora_per_sample_grads_reference(x.double(), dy.double(), A.double(), B.double())
+    assert max(rel_err(got[0], ref[0]), rel_err(got[1], ref[1])) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lora_tiny_dy(backend, dtype):
+    """Realistic dy ≈ 1e-6 (tests/ops/test_numerics.py on the real kernels): fp16 v = Bᵀdy is scaled first."""
+    from test_numerics import LORA_BOUND, _lora_problem
+
+    b = require_backend(backend)
+    x, dy, A, B, mask, exact = _lora_problem(dtype)
+    got = ops.lora_per_sample_grads(x.cuda(), dy.cuda(), A.cuda(), B.cuda(), 0.5, mask.cuda(), backend=b)
+    bound = 2 * LORA_BOUND if dtype == torch.float16 else 1.6e-2
+    for k in range(2):
+        assert rel_err(got[k].cpu(), exact[k]) < bound, (b, dtype, k)
+
+
 # ---------------------------------------------------------------------------------------------- DataInf
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cos", [0.999, 0.99999])
+def test_datainf_near_collinear(backend, dtype, cos):
+    """Near-collinear gradients under the auto damping (tests/ops/test_numerics.py on the real kernels)."""
+    from test_numerics import SCORE_BOUND, _datainf_problem, _score_err
+
+    b = require_backend(backend)
+    G, T, lam, exact = _datainf_problem(dtype, cos)
+    got = ops.datainf_inverse_sum(G.cuda(), T.cuda(), lam, backend=b).cpu()
+    assert _score_err(got, exact, G) < 2 * SCORE_BOUND[dtype], (b, dtype, cos)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_datainf_width_over_65535_tiles(backend):
+    """d > 65535·64: the grids are linear (the CUDA launch raised here before)."""
+    b = require_backend(backend)
+    d = 65535 * 64 + 100
+    G, T = torch.randn(3, d, device="cuda", dtype=torch.float16), torch.randn(2, d, device="cuda", dtype=torch.float16)
+    got = ops.datainf_inverse_sum(G, T, 5.0, backend=b)
+    assert rel_err(got, ops.datainf_inverse_sum_reference(G.double(), T.double(), 5.0)) < 1e-5
+
+
 def _datainf_lowp(G, T, lam):
     dt = G.dtype
     if dt == torch.float32:
@@ -146,15 +212,18 @@ def test_rrinf_first_step_from_zero(backend):
 
 
 # --------------------------------------------------------------------------------------------- dispatch
-def test_auto_picks_the_first_available_backend():
+def test_auto_follows_the_route():
+    """auto on a GPU takes the route's first backend that can run (today: the reference, nothing measured yet)."""
     x = torch.randn(4, 64, device="cuda")
-    want = next((b for b in ("cuda", "triton") if ops.backends()[b] == "available"), "torch")
+    os.environ.pop("FASTINF_BACKEND", None)
+    order = _dispatch.route("datainf_inverse_sum", (x, x, 0.1)).order
+    want = next(b for b in order if b == "torch" or ops.backends()[b] == "available")
     if want == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1")
-    os.environ.pop("FASTINF_BACKEND", None)
     assert _dispatch.select("datainf_inverse_sum", "auto", x.device, (x, x, 0.1), {})[0] == want
-    # float64 is not a kernel dtype: auto falls back to the reference, an explicit kernel backend raises
+    # float64 is not a kernel dtype: auto runs the reference, an explicit kernel backend raises with the reason
     assert _dispatch.select("datainf_inverse_sum", "auto", x.device, (x.double(), x.double(), 0.1), {})[0] == "torch"
-    if want != "torch":
-        with pytest.raises(RuntimeError, match="float64"):
-            ops.datainf_inverse_sum(x.double(), x.double(), 0.1, backend=want)
+    for b in ("cuda", "triton"):
+        if ops.backends()[b] == "available" and not (b == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+            with pytest.raises(RuntimeError, match="float64"):
+                ops.datainf_inverse_sum(x.double(), x.double(), 0.1, backend=b)

@@ -186,8 +186,9 @@ def test_rrinf_row_updates_triton_bad_lr_length():
 
 # ------------------------------------------------------------------------------------------ dispatch
 def test_dispatch_table_shape():
-    """Every public op has a row per backend at most, backends from BACKENDS, its PyTorch reference as the
-    ``torch`` row, and rows that name modules inside the ops' own layer (kernels, _ext or the op's module)."""
+    """Every public op has one implementation per backend at most, backends from BACKENDS, its PyTorch
+    reference as the ``torch`` row, rows that name modules inside the ops' own layer (kernels, _ext or the op's
+    module), and auto routes that obey the table's rules (check_table)."""
     assert set(_dispatch.DISPATCH_TABLE) == {
         "lora_per_sample_grads",
         "datainf_inverse_sum",
@@ -195,13 +196,39 @@ def test_dispatch_table_shape():
         "trace_cov",
         "trace_cov_topk",
     }
-    for op, rows in _dispatch.DISPATCH_TABLE.items():
-        names = [r.name for r in rows]
-        assert len(names) == len(set(names)) and set(names) <= set(_dispatch.BACKENDS), (op, names)
+    _dispatch.check_table()
+    for op, entry in _dispatch.DISPATCH_TABLE.items():
         assert _dispatch.implementation(op, "torch") is getattr(ops, f"{op}_reference")
-        for r in rows:
+        for r in entry.backends:
             assert r.module.startswith(("fastinf.kernels.", "fastinf._ext.", f"fastinf.ops.{op.removesuffix('_topk')}"))
             assert r.supports is None or r.supports.count(":") == 1, r
+        for rt in entry.routes:
+            assert rt.when is None or callable(_dispatch._attr(rt.when)), rt
+
+
+def test_unmeasured_routes_run_the_reference():
+    """Nothing has been measured on a GPU yet: every route is the reference alone, and the table refuses a kernel
+    in an auto order without a cited measurement."""
+    for op, entry in _dispatch.DISPATCH_TABLE.items():
+        for rt in entry.routes:
+            assert rt.order == ("torch",) or rt.measured, (op, rt)
+    bad = _dispatch.OpEntry(
+        _dispatch.DISPATCH_TABLE["trace_cov"].backends, (_dispatch.Route("all", ("triton", "torch")),)
+    )
+    with pytest.raises(ValueError, match="needs the GPU measurement"):
+        _dispatch.check_table({"trace_cov": bad})
+    no_ref = _dispatch.OpEntry(
+        _dispatch.DISPATCH_TABLE["trace_cov"].backends, (_dispatch.Route("all", ("triton",), measured="x.csv"),)
+    )
+    with pytest.raises(ValueError, match="must end with torch"):
+        _dispatch.check_table({"trace_cov": no_ref})
+
+
+def test_datainf_small_m_route():
+    G, T1, T9 = torch.ones(3, 4), torch.ones(1, 4), torch.ones(9, 4)
+    assert _dispatch.route("datainf_inverse_sum", (G, T1, 0.1)).shapes == "m <= 8"
+    assert _dispatch.route("datainf_inverse_sum", (G, T9, 0.1)).shapes == "m > 8"
+    assert _dispatch.route("datainf_inverse_sum").shapes == "m > 8"  # no inputs: the catch-all
 
 
 @interp
@@ -210,8 +237,8 @@ def test_dispatch_table_resolves_every_triton_row():
     """Each Triton row's module, function and check exist (the CUDA rows are checked without building)."""
     from fastinf._ext import ops as ext_ops
 
-    for op, rows in _dispatch.DISPATCH_TABLE.items():
-        for r in rows:
+    for op, entry in _dispatch.DISPATCH_TABLE.items():
+        for r in entry.backends:
             fn = _dispatch.implementation(op, r.name)
             assert callable(fn) and fn.__name__ == r.function, (op, r)
             if r.name == "cuda":
@@ -222,7 +249,8 @@ def test_dispatch_table_resolves_every_triton_row():
 
 @pytest.fixture
 def fake_backends(monkeypatch):
-    """A fake op whose cuda and triton kernels 'can run' on a (fake) CUDA device, loaded through the table."""
+    """A fake op whose cuda and triton kernels 'can run' on a (fake) CUDA device, loaded through the table; its
+    route is 'measured' cuda > triton > torch."""
     calls = []
     fake = types.ModuleType("fastinf_fake_kernels")
     fake.cuda_fn = lambda x: calls.append("cuda")
@@ -231,10 +259,13 @@ def fake_backends(monkeypatch):
     fake.no_f64 = lambda x: "float64 runs on the reference" if x.dtype == torch.float64 else None
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
     table = {
-        "fake_op": (
-            _dispatch.Backend("cuda", fake.__name__, "cuda_fn", f"{fake.__name__}:no_f64"),
-            _dispatch.Backend("triton", fake.__name__, "triton_fn"),
-            _dispatch.Backend("torch", fake.__name__, "torch_fn"),
+        "fake_op": _dispatch.OpEntry(
+            (
+                _dispatch.Backend("cuda", fake.__name__, "cuda_fn", f"{fake.__name__}:no_f64"),
+                _dispatch.Backend("triton", fake.__name__, "triton_fn"),
+                _dispatch.Backend("torch", fake.__name__, "torch_fn"),
+            ),
+            (_dispatch.Route("all", ("cuda", "triton", "torch"), measured="a test's pretend measurement"),),
         )
     }
     monkeypatch.setattr(_dispatch, "DISPATCH_TABLE", table)
@@ -265,16 +296,48 @@ def test_auto_prefers_cuda_then_triton_then_torch(fake_backends, caplog):
     assert _dispatch.select("fake_op", "triton", dev, (x64,))[0] == "triton"
 
 
-def test_table_order_is_the_auto_order(fake_backends, monkeypatch):
-    """auto follows the table's order, whatever it is (a measured order may put torch first)."""
+def _set_routes(monkeypatch, *routes):
+    entry = _dispatch.DISPATCH_TABLE["fake_op"]
+    monkeypatch.setitem(_dispatch.DISPATCH_TABLE, "fake_op", _dispatch.OpEntry(entry.backends, tuple(routes)))
+
+
+def test_route_order_is_the_auto_order(fake_backends, monkeypatch):
+    """auto follows the route's order, whatever it is, per shape class (a measured order may put torch first)."""
     dev = torch.device("cuda", 0)
-    rows = _dispatch.DISPATCH_TABLE["fake_op"]
-    monkeypatch.setitem(_dispatch.DISPATCH_TABLE, "fake_op", (rows[1], rows[0], rows[2]))
-    assert _dispatch.select("fake_op", "auto", dev, (torch.ones(1),))[0] == "triton"
-    monkeypatch.setitem(_dispatch.DISPATCH_TABLE, "fake_op", (rows[2], rows[0]))
+    fake_backends.big = lambda x: x.numel() > 1
+    _set_routes(
+        monkeypatch,
+        _dispatch.Route("numel > 1", ("triton", "cuda", "torch"), measured="m", when=f"{fake_backends.__name__}:big"),
+        _dispatch.Route("the rest", ("torch",)),
+    )
+    assert _dispatch.select("fake_op", "auto", dev, (torch.ones(2),))[0] == "triton"
     assert _dispatch.select("fake_op", "auto", dev, (torch.ones(1),))[0] == "torch"
-    with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cuda:0: no triton kernel for fake_op"):
-        _dispatch.select("fake_op", "triton", dev, (torch.ones(1),))
+    assert _dispatch.select("fake_op", "cuda", dev, (torch.ones(1),))[0] == "cuda"  # explicit: any implementation
+    monkeypatch.setitem(
+        _dispatch.DISPATCH_TABLE, "fake_op", _dispatch.OpEntry(_dispatch.DISPATCH_TABLE["fake_op"].backends[1:], ())
+    )
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cuda:0: no cuda kernel for fake_op"):
+        _dispatch.select("fake_op", "cuda", dev, (torch.ones(1),))
+
+
+def test_trace_cov_auto_on_cuda_never_builds_the_extension(monkeypatch):
+    """trace_cov has no CUDA kernel: auto on a CUDA device never calls the CUDA setup (the JIT build), not even
+    under a measured route that names cuda first; the current (unmeasured) route goes straight to the reference."""
+    built = []
+    monkeypatch.setattr(_dispatch, "BACKEND_SETUP", {"cuda": "builtins:print"})
+    monkeypatch.setattr(_dispatch, "_ensure_loaded", lambda b: built.append(b) or "not loaded in this test")
+    monkeypatch.setattr(_dispatch, "_why_unavailable", lambda b, device=None: None)
+    monkeypatch.setattr(_dispatch, "_LOGGED", set())
+    monkeypatch.delenv("FASTINF_BACKEND", raising=False)
+    dev = torch.device("cuda", 0)
+    X, Y = torch.randn(4, 3), torch.randn(4, 2)
+    assert _dispatch.select("trace_cov", "auto", dev, (X, Y))[0] == "torch"
+    assert built == []
+    entry = _dispatch.DISPATCH_TABLE["trace_cov"]
+    measured = _dispatch.Route("all", ("cuda", "triton", "torch"), measured="pretend")
+    monkeypatch.setitem(_dispatch.DISPATCH_TABLE, "trace_cov", _dispatch.OpEntry(entry.backends, (measured,)))
+    assert _dispatch.select("trace_cov", "auto", dev, (X, Y))[0] == "torch"
+    assert built == ["triton"]  # triton was tried, cuda never
 
 
 def test_load_failure_is_the_backends_reason(fake_backends, monkeypatch, caplog):

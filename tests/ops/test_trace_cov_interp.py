@@ -224,8 +224,9 @@ def test_trace_cov_dispatch_cpu():
 @interp
 @pytest.mark.interp
 def test_trace_cov_auto_on_cuda_skips_float64(monkeypatch):
-    """With a (fake) usable CUDA device, auto takes the Triton kernel for 16/32-bit inputs and the reference for
-    float64 inputs or a float64 accumulation; the dispatch table's kernels are this module's."""
+    """With a (fake) usable CUDA device and a (pretend) measured route, auto takes the Triton kernel for 16/32-bit
+    inputs and the reference for float64 inputs or a float64 accumulation; the dispatch table's kernels are this
+    module's. (The table's own routes are unmeasured today: the reference.)"""
     from fastinf.kernels import trace_cov as tk
 
     assert _dispatch.implementation("trace_cov", "triton") is tk.trace_cov_triton
@@ -236,6 +237,11 @@ def test_trace_cov_auto_on_cuda_skips_float64(monkeypatch):
     monkeypatch.delenv("FASTINF_BACKEND", raising=False)
     dev = torch.device("cuda", 0)  # a device object only: nothing runs on it
     x, y = torch.ones(3, 4), torch.ones(3, 2, dtype=torch.bfloat16)
+    assert _dispatch.select("trace_cov", "auto", dev, (x, y, False), {})[0] == "torch"  # unmeasured
+    measured = (_dispatch.Route("all", ("triton", "torch"), measured="pretend"),)
+    for op in ("trace_cov", "trace_cov_topk"):
+        entry = _dispatch.OpEntry(_dispatch.DISPATCH_TABLE[op].backends, measured)
+        monkeypatch.setitem(_dispatch.DISPATCH_TABLE, op, entry)
     assert _dispatch.select("trace_cov", "auto", dev, (x, y, False), {})[0] == "triton"
     assert _dispatch.select("trace_cov", "auto", dev, (x.double(), y, False), {})[0] == "torch"
     assert _dispatch.select("trace_cov", "auto", dev, (x, y, True), {"dtype": torch.float64})[0] == "torch"
