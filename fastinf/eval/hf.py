@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "Checkpoints",
     "LMCollator",
     "LMDataset",
     "TextDataset",
@@ -311,6 +312,40 @@ def trainer_args(ck_dir: Path, batch_size: int, epochs: int, seed: int, progress
     )
 
 
+class Checkpoints(list):
+    """The adapter checkpoints of a training run (a list of paths, in order) with ``learning_rates``:
+    η_t of checkpoint t, the learning rate of the optimizer step that produced it (of the first step
+    for the initial checkpoint), of the first parameter group (the LoRA weights) — what TracIn-CP
+    weights checkpoint t by."""
+
+    learning_rates: list[float]
+
+
+def _lr_recorder():
+    """A TrainerCallback recording the learning rate each optimizer step uses: ``.lrs[step]`` (1-based)."""
+    from transformers import TrainerCallback
+
+    class _LRRecorder(TrainerCallback):
+        def __init__(self) -> None:
+            self.lrs: dict[int, float] = {}
+
+        def on_step_begin(self, args, state, control, lr_scheduler=None, optimizer=None, **kwargs):
+            if lr_scheduler is not None:
+                lr = lr_scheduler.get_last_lr()[0]
+            else:
+                lr = optimizer.param_groups[0]["lr"]
+            self.lrs[state.global_step + 1] = float(lr)
+
+    return _LRRecorder()
+
+
+def _checkpoints_with_lrs(cb: Any, rec: Any) -> Checkpoints:
+    out = Checkpoints(cb.checkpoints)
+    first = rec.lrs.get(1, 0.0)
+    out.learning_rates = [rec.lrs.get(int(Path(p).stem.split("-")[-1]), first) for p in cb.checkpoints]
+    return out
+
+
 def _checkpoint_callback(ck_dir: Path, n: int, batch_size: int, checkpoints_per_epoch: int):
     from ..integrations.transformers import CheckpointCallback
 
@@ -332,9 +367,10 @@ def train_classifier(
     seed: int,
     ck_dir: Path,
     progress: bool,
-) -> list[Path]:
+) -> Checkpoints:
     """Fine-tune a LoRA classifier with the HF Trainer (AdamW, separate learning rates for the LoRA
-    weights and the head, linear schedule) and fastinf's CheckpointCallback; returns the checkpoints."""
+    weights and the head, linear schedule) and fastinf's CheckpointCallback; returns the checkpoints
+    (with their learning rates)."""
     from transformers import DataCollatorWithPadding, Trainer
 
     cb = _checkpoint_callback(ck_dir, len(train_ds), batch_size, checkpoints_per_epoch)
@@ -342,16 +378,17 @@ def train_classifier(
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
     opt = torch.optim.AdamW([{"params": lora, "lr": lr_lora}, {"params": head, "lr": lr_head}], weight_decay=0.0)
     args = trainer_args(ck_dir, batch_size, epochs, seed, progress, lr_scheduler_type="linear")
+    rec = _lr_recorder()
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         data_collator=DataCollatorWithPadding(tokenizer),
-        callbacks=[cb],
+        callbacks=[cb, rec],
         optimizers=(opt, None),
     )
     trainer.train()
-    return cb.checkpoints
+    return _checkpoints_with_lrs(cb, rec)
 
 
 def train_lm(
@@ -366,14 +403,16 @@ def train_lm(
     seed: int,
     ck_dir: Path,
     progress: bool,
-) -> list[Path]:
-    """Fine-tune a LoRA causal LM with the HF Trainer and fastinf's CheckpointCallback; returns the checkpoints."""
+) -> Checkpoints:
+    """Fine-tune a LoRA causal LM with the HF Trainer and fastinf's CheckpointCallback; returns the
+    checkpoints (with their learning rates)."""
     from transformers import Trainer
 
     cb = _checkpoint_callback(ck_dir, len(ds), batch_size, checkpoints_per_epoch)
     args = trainer_args(ck_dir, batch_size, epochs, seed, progress, learning_rate=lr, remove_unused_columns=False)
-    Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[cb]).train()
-    return cb.checkpoints
+    rec = _lr_recorder()
+    Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[cb, rec]).train()
+    return _checkpoints_with_lrs(cb, rec)
 
 
 @torch.no_grad()

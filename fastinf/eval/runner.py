@@ -25,8 +25,15 @@ from ..traces import LossTrace, checkpoint_gram, loss_table, sample_posterior_tr
 from ..utils import PeakMemory, timed
 
 __all__ = [
+    "BASELINE_LABELS",
     "MethodRun",
     "damping_sweep",
+    "error_text",
+    "grad_norms",
+    "label_free_damping",
+    "row_label",
+    "run_baselines",
+    "run_label_free",
     "method_options",
     "rrinf_iteration_sweep",
     "run_bif",
@@ -53,7 +60,8 @@ class MethodRun:
     error: str | None = None
 
 
-def _error(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
+    """An exception as one line: ``"TypeName: message"``."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
@@ -129,7 +137,7 @@ def run_gradient_methods(
                 run.info["lambda"] = lam
             run.info["blockwise"] = bool(getattr(est.options, "blockwise", False))
         except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
-            run.scores, run.error = [], _error(e)
+            run.scores, run.error = [], error_text(e)
         runs[name] = run
     return runs
 
@@ -144,19 +152,29 @@ def run_z0inf(
     loss_fn: Any = None,
     neighbors: int = 4,
     self_influence: bool = False,
+    tables: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> tuple[MethodRun, MethodRun | None]:
     """Z0-Inf from adapter checkpoints: per-example loss tables at every checkpoint, the checkpoint
     Gram, K = min(``neighbors``, T − 1) neighbours with |Spearman| weights. Returns the test-influence
-    run and, with ``self_influence=True``, a run of −self-influence (high = suspicious, no test set)."""
+    run and, with ``self_influence=True``, a run of −self-influence (high = suspicious, no test set).
+    ``tables``: the (T, n) train and (T, m) test loss tables when already measured (e.g. by
+    :func:`fastinf.eval.checkpoint_influence.checkpoint_influence`); the time then counts the Gram and
+    scoring only."""
     run = MethodRun("z0inf")
     self_run = MethodRun("z0inf_self") if self_influence else None
     try:
         with PeakMemory() as mem:
             (Ltr, Lte, gram), t_tables, _ = timed(
                 lambda: (
-                    loss_table(model, checkpoints, train_loader, loss_fn=loss_fn, progress=progress),
-                    loss_table(model, checkpoints, test_loader, loss_fn=loss_fn, progress=progress),
+                    *(
+                        tables
+                        if tables is not None
+                        else (
+                            loss_table(model, checkpoints, train_loader, loss_fn=loss_fn, progress=progress),
+                            loss_table(model, checkpoints, test_loader, loss_fn=loss_fn, progress=progress),
+                        )
+                    ),
                     checkpoint_gram(checkpoints),
                 )
             )
@@ -165,13 +183,14 @@ def run_z0inf(
             self_scores = est.self_influence("fd") if self_influence else None
         T = len(checkpoints)
         run.scores, run.seconds, run.peak_mb = [scores.double()], [t_tables + t_score], mem.mb
-        run.info["note"] = f"loss tables {t_tables:.1f}s + scoring {t_score:.2f}s, T={T}, abs-Spearman weights"
+        what = "Gram (loss tables from the checkpoint captures)" if tables is not None else "loss tables"
+        run.info["note"] = f"{what} {t_tables:.1f}s + scoring {t_score:.2f}s, T={T}, abs-Spearman weights"
         run.info["checkpoints"] = T
         if self_run is not None:
             self_run.scores, self_run.seconds, self_run.peak_mb = [-self_scores.double()], run.seconds, mem.mb
             self_run.info["note"] = "self-influence Σ_t‖ĝ_t‖² (no test set)"
     except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
-        run.scores, run.error = [], _error(e)
+        run.scores, run.error = [], error_text(e)
         if self_run is not None:
             self_run.scores, self_run.error = [], run.error
     return run, self_run
@@ -224,7 +243,7 @@ def run_bif(
         if caught:
             run.info["warnings"] = sorted({str(w.message)[:200] for w in caught})
     except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
-        run.scores, run.error = [], _error(e)
+        run.scores, run.error = [], error_text(e)
     return run
 
 
@@ -301,3 +320,126 @@ def mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
 def scores_for_report(runs: Mapping[str, MethodRun]) -> dict[str, torch.Tensor]:
     """The first-seed scores of every run that produced any."""
     return {n: r.scores[0] for n, r in runs.items() if r.scores}
+
+
+# ------------------------------------------------------------------------------------ baselines and label-free λ
+BASELINE_LABELS = {
+    "train_loss": "final training loss",
+    "grad_norm": "gradient norm",
+    "tracin_cp": "tracin_cp",
+    "tracin_cp_self": "tracin_cp (self-influence)",
+    "z0inf_self": "z0inf (self-influence)",
+}
+
+
+def row_label(key: str) -> str:
+    """The table label of a result key: ``"datainf_self"`` → ``"datainf (self-influence)"``,
+    ``"exact_label_free"`` → ``"exact (label-free λ)"``, ``"datainf_ckpt_ensemble"`` →
+    ``"datainf (checkpoint ensemble)"``."""
+    if key in BASELINE_LABELS:
+        return BASELINE_LABELS[key]
+    for suffix, text in (
+        ("_self", "self-influence"),
+        ("_label_free", "label-free λ"),
+        ("_ckpt_ensemble", "checkpoint ensemble"),
+    ):
+        if key.endswith(suffix):
+            return f"{key[: -len(suffix)]} ({text})"
+    return key
+
+
+def grad_norms(train: Any, chunk_size: int = 4096) -> torch.Tensor:
+    """‖g_i‖ over every block (float64, (n,)), read in row chunks (a GradientStore is streamed)."""
+    out = torch.empty(train.n, dtype=torch.float64)
+    for start, ch in train.iter_chunks(chunk_size):
+        sq = sum(v.to(torch.float64) for v in ch.sq_norms(torch.float64).values())
+        out[start : start + ch.n] = sq.cpu()
+    return out.sqrt()
+
+
+def run_baselines(
+    train: Any,
+    train_losses: torch.Tensor | None,
+    methods: Sequence[str],
+    *,
+    seed: int = 0,
+    damping: float | str = "auto",
+    lissa_depth: int = 100,
+    progress: bool = True,
+) -> dict[str, MethodRun]:
+    """The test-free baselines, as suspicion scores (high = rank first): ``train_loss`` (the final
+    model's per-example loss, when given), ``grad_norm`` (‖g_i‖) and ``<method>_self`` for every
+    gradient method in ``methods``: −I(i, i), i.e. g_iᵀ H⁻¹ g_i with that method's H (one fit, the
+    first seed of a stochastic method). A failing method records its error."""
+    runs: dict[str, MethodRun] = {}
+    if train_losses is not None:
+        runs["train_loss"] = MethodRun("train_loss", scores=[train_losses.detach().cpu().double()], seconds=[0.0])
+        runs["train_loss"].info["note"] = "loss of the final model under the (noisy) training label"
+    (norms, sec, mb) = timed(lambda: grad_norms(train))
+    runs["grad_norm"] = MethodRun("grad_norm", scores=[norms], seconds=[sec], peak_mb=mb)
+    for name in tqdm(list(methods), desc="self-influence", unit="method", disable=not progress):
+        run = MethodRun(f"{name}_self")
+        try:
+            est = get_estimator(name, **method_options(name, damping=damping, seed=seed, lissa_depth=lissa_depth))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="LiSSA did not reach", category=RuntimeWarning)
+                sc, sec, mb = timed(lambda est=est: -est.fit(train).self_influence())
+            if not bool(torch.isfinite(sc).all()):
+                raise ValueError("non-finite self-influence")
+            run.scores, run.seconds, run.peak_mb = [sc.detach().cpu().double()], [sec], mb
+            run.info["note"] = "−I(i, i) (no test set)"
+            lam = _lambda_info(est)
+            if lam is not None:
+                run.info["lambda"] = lam
+        except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
+            run.error = error_text(e)
+        runs[run.name] = run
+    return runs
+
+
+def label_free_damping(train: Any, test: Any = None, *, blockwise: bool = False) -> tuple[Any, str]:
+    """λ from the gradients alone with the default label-free rule
+    (:data:`fastinf.estimators.damping.LABEL_FREE_RULE`): ``(λ (a float, or {block: λ} when
+    blockwise), "rule(options)")``. ``test`` is used only by a rule that needs it (GCV)."""
+    from ..estimators.damping import LABEL_FREE_RULE, select_damping
+
+    rule, opts = LABEL_FREE_RULE
+    lam = select_damping(train, test if rule == "gcv" else None, rule=rule, blockwise=blockwise, **opts)
+    text = rule + ("(" + ", ".join(f"{k}={v:g}" for k, v in opts.items()) + ")" if opts else "")
+    return lam, text
+
+
+def run_label_free(
+    train: Any,
+    test: Any,
+    methods: Sequence[str] = ("exact", "datainf"),
+    *,
+    reduce: str | None = "mean",
+    progress: bool = True,
+) -> dict[str, MethodRun]:
+    """``<method>_label_free`` runs: each method at λ from :func:`label_free_damping` (exact one global λ,
+    DataInf one λ per block). The λ (or [min, max] over blocks) and the rule are in ``info``; the
+    selection time is in the seconds. When the damping module is missing, the runs carry the error."""
+    runs: dict[str, MethodRun] = {}
+    for name in tqdm(list(methods), desc="label-free λ", unit="method", disable=not progress):
+        run = MethodRun(f"{name}_label_free")
+        try:
+            blockwise = name != "exact"
+            (lam, rule), t_sel, _ = timed(
+                lambda blockwise=blockwise: label_free_damping(train, test, blockwise=blockwise)
+            )
+            opts = {k: v for k, v in method_options(name).items() if k != "damping_factor"}
+            opts["damping"] = lam
+            est = get_estimator(name, **opts)
+            sc, sec, mb = timed(lambda est=est: est.fit(train).score(test, reduce=reduce))
+            if not bool(torch.isfinite(sc).all()):
+                raise ValueError("non-finite scores")
+            run.scores, run.seconds, run.peak_mb = [sc.detach().cpu().double()], [sec + t_sel], mb
+            vals = list(lam.values()) if isinstance(lam, Mapping) else [float(lam)]
+            run.info["lambda"] = vals[0] if len(set(vals)) == 1 else [min(vals), max(vals)]
+            run.info["note"] = f"rule {rule}" + (", per block" if isinstance(lam, Mapping) else "")
+            run.info["rule"] = rule
+        except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
+            run.error = error_text(e)
+        runs[run.name] = run
+    return runs

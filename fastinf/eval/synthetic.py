@@ -158,7 +158,27 @@ def mislabel_task(
         return loss(p, x.unsqueeze(0), y.unsqueeze(0))
 
     per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
-    train = GradientSet(per_example(p, x_train, y_train))
+
+    def kronecker_factors(x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """K-FAC factors (METHODS.md §11) of each block, one token per example: A = Σ xxᵀ/n, S = Σ δδᵀ/n
+        with x the block's input and δ the loss gradient at its output (the row is δ xᵀ)."""
+        u1 = (x @ p["hidden.lora_A"].T).requires_grad_(True)
+        z1 = (x @ W1.T + b1 + u1 @ p["hidden.lora_B"].T).requires_grad_(True)
+        h = torch.tanh(z1)
+        u2 = (h @ p["out.lora_A"].T).requires_grad_(True)
+        z2 = (h @ W2.T + u2 @ p["out.lora_B"].T).requires_grad_(True)
+        per = torch.nn.functional.cross_entropy(z2, y, reduction="none")
+        d_u1, d_z1, d_u2, d_z2 = torch.autograd.grad(per.sum(), [u1, z1, u2, z2])
+        pairs = {
+            "hidden.lora_A": (x, d_u1),
+            "hidden.lora_B": (u1.detach(), d_z1),
+            "out.lora_A": (h.detach(), d_u2),
+            "out.lora_B": (u2.detach(), d_z2),
+        }
+        n = x.shape[0]
+        return {k: ((a.T @ a).double() / n, (d.T @ d).double() / n) for k, (a, d) in pairs.items()}
+
+    train = GradientSet(per_example(p, x_train, y_train), factors=kronecker_factors(x_train, y_train))
     test = GradientSet(per_example(p, x_test, y_test))
 
     with torch.no_grad():

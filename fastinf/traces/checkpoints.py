@@ -8,14 +8,14 @@ parameter names), a directory written by ``save_pretrained`` / the HF Trainer / 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["checkpoint_gram", "load_checkpoint", "loss_table"]
+__all__ = ["checkpoint_gram", "load_checkpoint", "loss_table", "swapped_checkpoints"]
 
 Checkpoint = Mapping[str, torch.Tensor] | str | os.PathLike
 
@@ -185,3 +185,38 @@ def loss_table(
         model.train(was_training)
         bar.close()
     return torch.stack(rows)
+
+
+def swapped_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint]) -> Iterator[int]:
+    """Swap each checkpoint's adapter weights into ``model`` in place, in order, yielding its index t
+    while they are in; the original weights are restored when the iteration ends, fails or is closed
+    (use ``contextlib.closing`` when breaking out early). Tensors are checked against checkpoint 0's
+    names and the model's shapes, as :func:`loss_table` does.
+
+    Raises:
+        ValueError: no checkpoints, a checkpoint with other tensors or shapes than the model.
+    """
+    cks = list(checkpoints)
+    if not cks:
+        raise ValueError("swapped_checkpoints: no checkpoints given")
+    first = load_checkpoint(cks[0])
+    pmap = _param_map(model, first)
+    saved = {k: p.detach().clone() for k, p in pmap.items()}
+    try:
+        for t, ck in enumerate(cks):
+            sd = first if t == 0 else load_checkpoint(ck)
+            if set(sd) != set(pmap):
+                raise ValueError(f"checkpoint {t} holds different tensors than checkpoint 0")
+            with torch.no_grad():
+                for k, p in pmap.items():
+                    v = sd[k]
+                    if tuple(v.shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"checkpoint {t}: {k!r} has shape {tuple(v.shape)}, the model {tuple(p.shape)}"
+                        )
+                    p.copy_(v.to(device=p.device, dtype=p.dtype))
+            yield t
+    finally:
+        with torch.no_grad():
+            for k, p in pmap.items():
+                p.copy_(saved[k])

@@ -135,16 +135,172 @@ def test_mislabel_experiment_end_to_end_tiny_bert(tmp_path):
     assert dataclasses.asdict(s) == before and s.n_train == 600, "the caller's settings were modified"
     assert _exp_dirs() == dirs_before, "the experiment left a temporary directory behind"
     assert not failed_methods(res), failed_methods(res)
-    assert set(res) == {"exact", "datainf", "z0inf", "z0inf_self"}
+    baselines = {"train_loss", "grad_norm", "exact_self", "datainf_self", "exact_label_free", "datainf_label_free"}
+    ckpt = {"tracin_cp", "tracin_cp_self", "exact_ckpt_ensemble", "datainf_ckpt_ensemble"}
+    assert set(res) == {"exact", "datainf", "z0inf", "z0inf_self"} | baselines | ckpt
     assert res.meta["n_train"] == 40 and res.meta["flipped"] == 8 and res.meta["checkpoints"] >= 2
     assert res["exact"]["corr_with_exact"] == pytest.approx(1.0)
+    assert res["exact_label_free"]["lambda"] > 0 and res["datainf_label_free"]["lambda"] is not None
     scores = json.loads((tmp_path / "scores.json").read_text())
     flipped = np.array(scores["is_flipped"], dtype=bool)
     assert flipped.sum() == 8
-    for m in ("exact", "datainf", "z0inf"):
+    for m in ("exact", "datainf", "z0inf", *baselines, "tracin_cp", "exact_ckpt_ensemble"):
         assert res[m]["auc"] == pytest.approx(mislabel_auc(np.array(scores["scores"][m]), flipped), abs=1e-12), m
-    for name in ("report.md", "results.json", "detection_curves.png", "time_vs_auc.png"):
+    # the baselines by their definitions: ‖g_i‖ (tracin's self-influence needs no test set either)
+    assert np.all(np.array(scores["scores"]["grad_norm"]) > 0)
+    report = (tmp_path / "report.md").read_text()
+    for label in (
+        "final training loss",
+        "gradient norm",
+        "exact (self-influence)",
+        "exact (label-free λ)",
+        "tracin_cp",
+        "datainf (checkpoint ensemble)",
+        "Which method to use",
+    ):
+        assert label in report, label
+    for name in ("report.md", "results.json", "detection_curves.png", "time_vs_auc.png", "auc_by_method.png"):
         assert (tmp_path / name).is_file(), name
+
+
+@needs_hf
+def test_mislabel_experiment_over_two_data_seeds_tiny_bert(tmp_path):
+    """Two data seeds: per-seed AUCs, mean ± sample sd over them, paired differences against DataInf."""
+    texts, labels = texts_and_labels(60)
+    s = MislabelSettings(
+        epochs=1, batch_size=8, max_length=16, sweeps=False, rrinf_seeds=(0,), baselines=False, checkpoint_methods=False
+    )
+    res = mislabel_experiment(
+        texts,
+        labels,
+        model=tiny_bert,
+        n_train=40,
+        n_test=10,
+        methods=["exact", "datainf", "hessian_free"],
+        seeds=(0, 1),
+        settings=s,
+        report_dir=tmp_path,
+        progress=False,
+        log=None,
+    )
+    assert res.meta["seeds"] == [0, 1] and len(res.meta["per_seed"]) == 2
+    for m in ("exact", "datainf", "hessian_free"):
+        a = res[m]["seed_aucs"]
+        assert len(a) == 2 and res[m]["auc"] == pytest.approx(np.mean(a))
+        assert res[m]["auc_std"] == pytest.approx(np.std(a, ddof=1))
+    d = res.paired["vs_reference"]["exact"]["diffs"]
+    assert d == pytest.approx([res["exact"]["seed_aucs"][i] - res["datainf"]["seed_aucs"][i] for i in range(2)])
+    assert "Paired differences against datainf" in (tmp_path / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------ seeds and checkpoints
+def test_seed_aggregation_and_paired_differences():
+    from scipy import stats
+
+    from fastinf.eval.experiments.common import aggregate_seeds, paired_comparison
+
+    def seed(i, a, r):
+        return {
+            "meta": {"seed": i},
+            "methods": {
+                "a": {"auc": a, "aucs": [a], "seconds": 1.0},
+                "r": {"auc": float(np.mean(r)), "aucs": r, "seconds": 2.0},
+            },
+        }
+
+    per_seed = [seed(0, 0.6, [0.5, 0.7]), seed(1, 0.8, [0.9, 0.9]), seed(2, 0.7, [0.4, 0.6])]
+    res = aggregate_seeds(per_seed, ["a", "r"])
+    assert res["a"]["seed_aucs"] == pytest.approx([0.6, 0.8, 0.7])
+    assert res["a"]["auc"] == pytest.approx(0.7) and res["a"]["auc_std"] == pytest.approx(0.1)  # sample sd
+    assert res["r"]["seed_aucs"] == pytest.approx([0.6, 0.9, 0.5])  # mean over the method seeds first
+    assert res["r"]["auc_std"] == pytest.approx(np.std([0.6, 0.9, 0.5], ddof=1))
+    pc = paired_comparison({m: res[m]["seed_aucs"] for m in res}, "r")["a"]
+    assert pc["diffs"] == pytest.approx([0.0, -0.1, 0.2]) and pc["wins"] == 1 and pc["k"] == 3
+    assert pc["mean"] == pytest.approx(0.1 / 3) and pc["sd"] == pytest.approx(np.std([0, -0.1, 0.2], ddof=1))
+    ref = stats.ttest_rel([0.6, 0.8, 0.7], [0.6, 0.9, 0.5])
+    assert pc["t"] == pytest.approx(ref.statistic) and pc["p"] == pytest.approx(ref.pvalue)
+    assert pc["beyond_noise"] is False
+    big = paired_comparison({"x": [0.9, 0.91, 0.92], "y": [0.5, 0.5, 0.52]}, "y")["x"]
+    assert big["beyond_noise"] is True and big["p"] < 0.05
+
+
+def _tiny_lora_classifier():
+    from peft import get_peft_model_state_dict
+
+    from fastinf.eval import hf
+
+    tok, net = hf.text_classifier(tiny_bert, 2, 2)
+    texts, labels = texts_and_labels(10, seed=3)
+    enc = tok(texts, truncation=True, max_length=12)
+    tr = hf.TextDataset({k: v[:7] for k, v in enc.items()}, labels[:7])
+    te = hf.TextDataset({k: v[7:] for k, v in enc.items()}, labels[7:])
+    g = torch.Generator().manual_seed(1)
+    cks = []
+    for _ in range(2):  # two checkpoints with non-zero LoRA B, A and head weights
+        cks.append({k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in get_peft_model_state_dict(net).items()})
+    return tok, net, hf.text_loader(tr, tok, 3), hf.text_loader(te, tok, 2), cks
+
+
+def _hand_gradients(net, loader, ck):
+    """Per-example gradients of every trainable parameter by autograd, one example at a time (float64)."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(net, ck)
+    net.eval()
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    rows = {n: [] for n in params}
+    for b in loader:
+        for i in range(len(b["labels"])):
+            one = {k: v[i : i + 1] for k, v in b.items()}
+            loss = torch.nn.functional.cross_entropy(
+                net(**{k: v for k, v in one.items() if k != "labels"}).logits, one["labels"]
+            )
+            for n, gr in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
+                rows[n].append(gr.reshape(-1).double())
+    return {n: torch.stack(v) for n, v in rows.items()}
+
+
+@needs_hf
+def test_tracin_cp_and_checkpoint_ensemble_equal_independent_computations():
+    from fastinf.eval.checkpoint_influence import checkpoint_influence
+
+    tok, net, tr_loader, te_loader, cks = _tiny_lora_classifier()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    lrs = [0.5, 2.0]  # distinct η_t: a wrong weighting of the checkpoints shows
+    res = checkpoint_influence(
+        net,
+        cks,
+        tr_loader,
+        te_loader,
+        learning_rates=lrs,
+        methods=["exact"],
+        skip_initial=False,
+        collector_options={"include_modules_to_save": True},
+        keep_per_checkpoint=True,
+        progress=False,
+    )
+    for n, p in net.named_parameters():  # the weights were swapped in place and restored
+        assert torch.equal(p.detach(), before[n]), n
+    hand_tr = [_hand_gradients(net, tr_loader, ck) for ck in cks]
+    hand_te = [_hand_gradients(net, te_loader, ck) for ck in cks]
+    X = [torch.cat(list(h.values()), 1) for h in hand_tr]
+    T = [torch.cat(list(h.values()), 1) for h in hand_te]
+    expect = -sum(lr * (x @ t.mean(0)) for lr, x, t in zip(lrs, X, T, strict=True))
+    got = res.runs["tracin_cp"].scores[0]
+    assert got.shape == (7,) and torch.allclose(got, expect, rtol=1e-4, atol=1e-6 * float(expect.abs().max()))
+    self_expect = sum(lr * x.square().sum(1) for lr, x in zip(lrs, X, strict=True))
+    assert torch.allclose(res.runs["tracin_cp_self"].scores[0], self_expect, rtol=1e-4)
+    # the ensemble: the mean of exact's scores fitted at each checkpoint on the hand gradients
+    per = []
+    for h_tr, h_te in zip(hand_tr, hand_te, strict=True):
+        est = fastinf.get_estimator("exact", dtype=torch.float64)
+        per.append(est.fit(fastinf.GradientSet(h_tr)).score(fastinf.GradientSet(h_te), reduce="mean"))
+    for a, b in zip(res.per_checkpoint["exact"], per, strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5 * float(b.abs().max()))
+    ens = res.runs["exact_ckpt_ensemble"].scores[0]
+    assert torch.allclose(ens, (res.per_checkpoint["exact"][0] + res.per_checkpoint["exact"][1]) / 2, rtol=1e-12)
+    # loss tables come with the captures: the losses at each checkpoint, (T, n)
+    assert res.train_losses.shape == (2, 7) and res.test_losses.shape == (2, 3)
 
 
 @needs_hf

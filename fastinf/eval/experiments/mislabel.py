@@ -23,12 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...gradients import LoRAGradientCollector
 from ...utils import pm, text_table, timed
 from .. import hf
+from ..checkpoint_influence import checkpoint_influence, collect_with_losses
 from ..metrics import agreement, detection_curve, mislabel_auc
 from ..report import (
+    ROWS_NOTE,
+    accuracy_text,
+    answer_lines,
     damping_section,
+    lambda_text,
+    paired_section,
+    plot_auc_by_method,
     plot_auc_vs_damping,
     plot_detection_curves,
     plot_time_vs_auc,
@@ -38,23 +44,36 @@ from ..report import (
 from ..runner import (
     MethodRun,
     damping_sweep,
-    mean_std,
+    row_label,
     rrinf_iteration_sweep,
+    run_baselines,
     run_bif,
     run_gradient_methods,
+    run_label_free,
     run_z0inf,
     scores_for_report,
     split_methods,
 )
 from ..synthetic import mislabel_task
-from .common import ExperimentResult, prepare_report_dir, settings_dict
+from .common import (
+    ExperimentResult,
+    aggregate_seeds,
+    paired_over_seeds,
+    prepare_report_dir,
+    row_order,
+    seed_meta,
+    settings_dict,
+)
 
 __all__ = ["MislabelSettings", "mislabel_demo", "mislabel_experiment", "synthetic_mislabel_experiment"]
 
-_LABELS = {"z0inf_self": "z0inf (self-influence)"}
+#: the reference of the paired comparison over data seeds
+REFERENCE = "datainf"
+#: the opt-in BIF's row when it is not run
+BIF_OPT_IN = "opt-in (fastinf demo --bif): SGLD traces cost ~400 s per data seed on 2 CPU cores"
 # (n_train, n_test) of the synthetic demo: full and --quick
 SYNTHETIC_SIZES = {"full": (1000, 200), "quick": (400, 100)}
-TRACE_SKIP = "skipped: needs loss traces (checkpoints, SGLD), which the synthetic task has not"
+TRACE_SKIP = "skipped: needs checkpoints or loss traces (SGLD), which the synthetic task has not"
 
 
 @dataclass
@@ -83,7 +102,12 @@ class MislabelSettings:
     bif_n_beta: float | None = None  # None: n_train (β = 1)
     damping_multipliers: tuple[float, ...] = (1, 10, 100, 1e3, 1e4, 1e5, 1e6)
     rrinf_iterations: tuple[int, ...] = (1000, 10_000, 100_000)
-    sweeps: bool = True
+    sweeps: bool = True  # on the first data seed only
+    baselines: bool = True  # training loss, gradient norm, self-influence, label-free λ rows
+    checkpoint_methods: bool = True  # TracIn-CP and checkpoint ensembles (captures at every checkpoint)
+    ensemble_methods: tuple[str, ...] = ("datainf", "exact")
+    # methods whose self-influence is left out, with the reason (LiSSA: one recursion per training example)
+    self_influence_skip: tuple[str, ...] = ("lissa",)
 
     @classmethod
     def quick(cls, **overrides: Any) -> MislabelSettings:
@@ -130,32 +154,6 @@ def _record(run: MethodRun, flipped: np.ndarray, exact: torch.Tensor | None) -> 
         rec["pearson"] = float(np.mean([a["pearson"] for a in ag]))
         rec["spearman"] = float(np.mean([a["spearman"] for a in ag]))
     return rec
-
-
-def _aggregate(per_seed: list[dict], rows: list[str]) -> ExperimentResult:
-    """One record per method over the data seeds (AUC mean ± std over every data seed × method seed)."""
-    out = ExperimentResult()
-    for m in rows:
-        recs = [p["methods"][m] for p in per_seed if m in p["methods"]]
-        skipped = next((r["skipped"] for r in recs if r.get("skipped")), None)
-        ok = [r for r in recs if r.get("auc") is not None]
-        if not ok:
-            err = next((r.get("error") for r in recs if r.get("error")), None if skipped else "not run")
-            out[m] = {"auc": None, "auc_std": None, "seconds": None, "corr_with_exact": None}
-            out[m].update({"skipped": skipped} if skipped else {"error": err})
-            continue
-        aucs = [a for r in ok for a in r["aucs"]]
-        out[m] = {
-            "auc": float(np.mean(aucs)),
-            "auc_std": float(np.std(aucs)) if len(aucs) > 1 else 0.0,
-            "aucs": aucs,
-            "seconds": float(np.mean([r["seconds"] for r in ok])),
-            "peak_mb": float(np.max([r.get("peak_mb", 0.0) for r in ok])),
-            "corr_with_exact": mean_std([r.get("pearson") for r in ok])[0],
-            "spearman_with_exact": mean_std([r.get("spearman") for r in ok])[0],
-            **{k: v for k, v in ok[0].items() if k in ("lambda", "converged", "note", "diagnostics", "seeds")},
-        }
-    return out
 
 
 def _score_gradients(gtr, gte, flipped, s: MislabelSettings, methods, progress, say) -> dict[str, Any]:
@@ -205,6 +203,7 @@ def mislabel_experiment(
     epochs: int | None = None,
     report_dir: str | Path | None = None,
     settings: MislabelSettings | None = None,
+    skipped: dict[str, str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> ExperimentResult:
@@ -242,13 +241,17 @@ def mislabel_experiment(
         raise ValueError("seeds must name at least one data seed")
     out = prepare_report_dir(report_dir)
     say = log or (lambda _msg: None)
-    per_seed = [
-        _one_seed(list(texts), labels_arr, s, grad_methods, trace_methods, seed, model, progress, say) for seed in seeds
-    ]
-    rows = [*grad_methods, *trace_methods] + (["z0inf_self"] if "z0inf" in trace_methods else [])
-    result = _aggregate(per_seed, rows)
-    result.meta = {**per_seed[0]["meta"], "seeds": list(seeds)}
+    per_seed = []
+    for i, seed in enumerate(seeds):  # the sweeps on the first data seed only
+        si = s if i == 0 else dataclasses.replace(s, sweeps=False)
+        per_seed.append(_one_seed(list(texts), labels_arr, si, grad_methods, trace_methods, seed, model, progress, say))
+    for p in per_seed:
+        for m, why in (skipped or {}).items():
+            p["methods"].setdefault(m, {"auc": None, "skipped": why})
+    result = aggregate_seeds(per_seed, row_order(per_seed))
+    result.meta = seed_meta(per_seed, list(seeds))
     result.sweeps = per_seed[0]["sweeps"]
+    result.paired = paired_over_seeds(result, REFERENCE)
     return _finish(result, per_seed[0], out)
 
 
@@ -303,21 +306,55 @@ def _one_seed(texts, labels, s: MislabelSettings, grad_methods, trace_methods, s
         meta["train_accuracy_true_labels"] = hf.accuracy(net, train_eval)
         say(f"[seed {seed}] test accuracy {meta['test_accuracy']:.3f}; capturing per-example gradients")
         train_loader = hf.text_loader(train_ds, tok, s.batch_size)
-        col = LoRAGradientCollector(net, include_modules_to_save=True)
-        (gtr, gte), sec, _ = timed(
-            lambda: (col.collect(train_loader, progress=progress), col.collect(test_loader, progress=progress))
+        opts = {"include_modules_to_save": True}
+        ((gtr, gte), (loss_tr, _)), sec, _ = timed(
+            lambda: collect_with_losses(net, [train_loader, test_loader], progress=progress, **opts)
         )
         meta.update(grad_seconds=sec, D=gtr.dim, blocks=len(gtr.names))
         part = _score_gradients(gtr, gte, flipped, s, grad_methods, progress, say)
         res, scores, exact = part["methods"], part["scores"], part["exact"]
+        if s.baselines:
+            say(f"[seed {seed}] baselines: training loss, gradient norm, self-influence; label-free λ")
+            extra = _extra_rows(gtr, gte, loss_tr, s, grad_methods, seed, progress)
+            res.update({n: _record(r, flipped, exact) for n, r in extra.items()})
+            scores.update(scores_for_report(extra))
+            res.update(
+                {f"{m}_self": {"auc": None, "skipped": _SELF_SKIP} for m in s.self_influence_skip if m in grad_methods}
+            )
+        tables = None
+        if s.checkpoint_methods:
+            say(f"[seed {seed}] TracIn-CP and checkpoint ensembles: captures at {len(checkpoints)} checkpoints")
+            ck = checkpoint_influence(
+                net,
+                checkpoints,
+                train_loader,
+                test_loader,
+                learning_rates=checkpoints.learning_rates,
+                methods=[m for m in s.ensemble_methods if m in grad_methods],
+                reduce="mean",
+                damping=s.damping,
+                collector_options=opts,
+                progress=progress,
+            )
+            res.update({n: _record(r, flipped, exact) for n, r in ck.runs.items()})
+            scores.update(scores_for_report(ck.runs))
+            tables = (ck.train_losses, ck.test_losses)
+            meta["checkpoint_capture_seconds"] = ck.capture_seconds
         if "z0inf" in trace_methods:
             say(f"[seed {seed}] Z0-Inf: losses at {len(checkpoints)} checkpoints")
             z, z_self = run_z0inf(
-                net, checkpoints, train_loader, test_loader, reduce="mean", self_influence=True, progress=progress
+                net,
+                checkpoints,
+                train_loader,
+                test_loader,
+                reduce="mean",
+                self_influence=True,
+                tables=tables,
+                progress=progress,
             )
             res["z0inf"], res["z0inf_self"] = _record(z, flipped, exact), _record(z_self, flipped, exact)
             scores.update(scores_for_report({"z0inf": z}))
-            meta["checkpoints"] = len(checkpoints)
+        meta["checkpoints"] = len(checkpoints)
         if "bif" in trace_methods:
             say(f"[seed {seed}] BIF: {s.bif_chains} SGLD chains × {s.bif_draws} draws")
             b = run_bif(
@@ -340,6 +377,19 @@ def _one_seed(texts, labels, s: MislabelSettings, grad_methods, trace_methods, s
             scores.update(scores_for_report({"bif": b}))
     meta["total_seconds"] = time.perf_counter() - t_start
     return {"methods": res, "meta": meta, "sweeps": part["sweeps"], "scores": scores, "flipped": flipped}
+
+
+_SELF_SKIP = "self-influence left out: one LiSSA recursion per training example (n × depth HVPs; > 5 min at n = 600)"
+
+
+def _extra_rows(gtr, gte, loss_tr, s: MislabelSettings, grad_methods, seed, progress) -> dict[str, MethodRun]:
+    """Baselines (training loss, gradient norm, each method's self-influence) and the label-free λ rows."""
+    selfs = [m for m in grad_methods if m not in s.self_influence_skip]
+    runs = run_baselines(
+        gtr, loss_tr, selfs, seed=seed, damping=s.damping, lissa_depth=s.lissa_depth, progress=progress
+    )
+    runs.update(run_label_free(gtr, gte, [m for m in ("exact", "datainf") if m in grad_methods], progress=progress))
+    return runs
 
 
 def synthetic_mislabel_experiment(
@@ -372,7 +422,11 @@ def synthetic_mislabel_experiment(
     t_task = time.perf_counter() - t0
     flipped = task.is_flipped.numpy().astype(bool)
     part = _score_gradients(task.train, task.test, flipped, s, grad_methods, progress, say)
-    for m in trace_methods:
+    if s.baselines:
+        extra = _extra_rows(task.train, task.test, None, s, grad_methods, seed, progress)
+        part["methods"].update({n: _record(r, flipped, part["exact"]) for n, r in extra.items()})
+        part["scores"].update(scores_for_report(extra))
+    for m in [*trace_methods, *(["tracin_cp"] if s.checkpoint_methods else [])]:
         part["methods"][m] = {"auc": None, "skipped": TRACE_SKIP}
     info = task.info
     meta = {
@@ -393,7 +447,7 @@ def synthetic_mislabel_experiment(
         "total_seconds": time.perf_counter() - t0,
     }
     part["meta"], part["flipped"] = meta, flipped
-    result = _aggregate([part], [*grad_methods, *trace_methods])
+    result = aggregate_seeds([part], row_order([part]))
     result.meta, result.sweeps = meta, part["sweeps"]
     return _finish(result, part, out)
 
@@ -402,10 +456,12 @@ def synthetic_mislabel_experiment(
 def mislabel_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of the method table: AUC, agreement with exact, λ, seconds, peak MB, note."""
     depth = result.meta.get("settings", {}).get("lissa_depth")
-    headers = ["method", "mislabel AUC", "corr. with exact (Pearson)", "Spearman", "λ", "seconds", "peak MB", "note"]
+    k = len(result.meta.get("seeds") or [0])
+    auc_head = f"mislabel AUC (mean ± sd, {k} data seeds)" if k > 1 else "mislabel AUC"
+    headers = ["method", auc_head, "corr. with exact (Pearson)", "Spearman", "λ", "seconds", "peak MB", "note"]
     rows = []
     for m, r in result.items():
-        name = _LABELS.get(m, m)
+        name = row_label(m)
         if r.get("seeds") and len(r["seeds"]) > 1:
             name += f" ({len(r['seeds'])} seeds)"
         if r.get("auc") is None:
@@ -415,15 +471,15 @@ def mislabel_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]
         note = r.get("note", "")
         if r.get("converged") is False:
             note = (note + "; " if note else "") + f"not converged at depth {depth}"
-        lam = r.get("lambda")
-        lam_text = "—" if lam is None else (f"{lam:.3g}" if isinstance(lam, float) else f"{lam[0]:.2g}…{lam[1]:.2g}")
+        if r.get("failed_seeds"):
+            note = (note + "; " if note else "") + f"failed in seeds {r['failed_seeds']}"
         rows.append(
             [
                 name,
                 pm(r["auc"], r.get("auc_std")),
                 pm(r.get("corr_with_exact"), None),
                 pm(r.get("spearman_with_exact"), None),
-                lam_text,
+                lambda_text(r.get("lambda")),
                 f"{r['seconds']:.2f}",
                 f"{r.get('peak_mb', 0):.0f}",
                 note,
@@ -449,71 +505,109 @@ def _plural(k: int, word: str) -> str:
 
 def _intro(meta: dict) -> str:
     s = meta["settings"]
+    seeds = meta["seeds"]
     return (
         f"Model: {meta.get('model')}; {meta.get('training')}. Training examples: {meta['n_train']} "
         f"({_plural(meta['flipped'], 'label')} flipped), test examples: {meta['n_test']}. Test accuracy "
-        f"{meta['test_accuracy']:.3f}. Gradient dimension D = {meta['D']} in {meta['blocks']} blocks. "
-        f"Checkpoints for Z0-Inf: {meta.get('checkpoints', '—')}. Data seeds: {meta['seeds']}. "
-        f"Damping: {s['damping']!r}; LiSSA depth {s['lissa_depth']}."
+        f"{accuracy_text(meta)}. Gradient dimension D = {meta['D']} in {meta['blocks']} blocks. "
+        f"Checkpoints (Z0-Inf, TracIn-CP, ensembles): {meta.get('checkpoints', '—')}. Data seeds: {seeds} "
+        f"(each its own train/test split, flip set, LoRA init and training order). Damping: {s['damping']!r}; "
+        f"LiSSA depth {s['lissa_depth']}."
+        + (f" Wall time {meta['total_seconds_all_seeds']:.0f} s." if meta.get("total_seconds_all_seeds") else "")
     )
 
 
 def _seed_note(result: ExperimentResult) -> str:
-    """What ± means, only when something ran over several seeds."""
+    """What ± means."""
+    k = len(result.meta["seeds"])
+    if k > 1:
+        return (
+            f"± = sample sd over the {k} data seeds {result.meta['seeds']} (a stochastic method's AUC in a seed is "
+            f"the mean over its method seeds {list(result.meta['settings']['rrinf_seeds'])}). "
+        )
     multi = [m for m, r in result.items() if len(r.get("aucs") or []) > 1]
     if not multi:
         return ""
     seeds = result.meta["settings"]["rrinf_seeds"]
-    return f"{', '.join(multi)}: mean ± std over seeds {list(seeds)}" + (
-        f" × data seeds {result.meta['seeds']}. " if len(result.meta["seeds"]) > 1 else ". "
-    )
+    return f"{', '.join(multi)}: mean ± std over method seeds {list(seeds)} (one data seed). "
 
 
 def _finish(result: ExperimentResult, first: dict, out: Path | None) -> ExperimentResult:
     """Console summary and, with ``out``, the report directory."""
-    meta, sweeps = result.meta, result.sweeps
+    meta, sweeps, paired = result.meta, result.sweeps, result.paired
     headers, rows = mislabel_table(result)
-    text = [text_table(headers[:-1], [r[:-1] for r in rows])]
+    answer = answer_lines(result, paired, row_label)
+    text = ["", *answer, "", text_table(headers[:-1], [r[:-1] for r in rows])]
     text += [f"  {r[0]}: {r[-1]}" for r in rows if r[1] in ("skipped", "failed")]
     seed_note = _seed_note(result)
     text += ["", _intro(meta) + (" " + seed_note if seed_note else "")]
+    vs_ref = paired.get("vs_reference")
+    if vs_ref:
+        text += [
+            "",
+            f"Paired differences against {REFERENCE} over data seeds",
+            text_table(*paired_section(vs_ref, row_label)),
+        ]
     for title, h, r in _sweep_tables(sweeps):
-        text += ["", title, text_table(h, r)]
+        text += ["", title + (" (first data seed)" if len(meta["seeds"]) > 1 else ""), text_table(h, r)]
     result.report_dir = out
     if out is not None:
-        curves = {n: detection_curve(sc, first["flipped"]) for n, sc in first["scores"].items()}
+        curves = {row_label(n): detection_curve(sc, first["flipped"]) for n, sc in first["scores"].items()}
         plot_detection_curves(
             out / "detection_curves.png",
             curves,
-            f"Mislabelled-data detection (n={meta['n_train']}, {meta['flipped']} flipped)",
+            f"Mislabelled-data detection (n={meta['n_train']}, {meta['flipped']} flipped; seed {meta['seeds'][0]})",
         )
-        pts = {_LABELS.get(m, m): (r["seconds"], r["auc"]) for m, r in result.items() if r.get("auc") is not None}
-        plot_time_vs_auc(out / "time_vs_auc.png", pts, "Time vs mislabel AUC")
-        plots = ["detection_curves.png", "time_vs_auc.png"]
+        ok = {row_label(m): r for m, r in result.items() if r.get("auc") is not None}
+        k = len(meta["seeds"])
+        sd_of = {n: r.get("auc_std") or 0.0 for n, r in ok.items()} if k > 1 else None
+        pts = {n: (r["seconds"], r["auc"]) for n, r in ok.items()}
+        plot_time_vs_auc(
+            out / "time_vs_auc.png",
+            pts,
+            "Time vs mislabel AUC" + (f" (± sd, {k} seeds)" if k > 1 else ""),
+            errors=sd_of,
+        )
+        plot_auc_by_method(
+            out / "auc_by_method.png",
+            {n: (r["auc"], (r.get("auc_std") or 0.0) if k > 1 else 0.0) for n, r in ok.items()},
+            "Mislabel AUC by method" + (f" (mean ± sd over {k} data seeds)" if k > 1 else ""),
+        )
+        plots = ["detection_curves.png", "time_vs_auc.png", "auc_by_method.png"]
         if sweeps.get("damping"):
             plot_auc_vs_damping(out / "auc_vs_damping.png", sweeps["damping"], "Mislabel AUC vs damping")
             plots.append("auc_vs_damping.png")
         md = [
             f"# fastinf mislabelled-data detection report ({meta['task']})",
             "",
+            "## Which method to use",
+            "",
+            *answer,
+            "",
             _intro(meta),
             "",
-            "AUC = roc_auc(is_flipped, influence on the mean test loss); positive = harmful; 0.5 = chance. "
+            "AUC = roc_auc(is_flipped, score); positive = harmful; 0.5 = chance. "
             + seed_note
-            + "Correlations are with `exact` on the same (n,) scores.",
+            + "Correlations are with `exact` on the same (n,) scores (first data seed). λ: the value used "
+            "(a range: over blocks or seeds).",
+            "",
+            ROWS_NOTE,
             "",
             *section(None, headers, rows),
         ]
+        if vs_ref:
+            md += section(f"Paired differences against {REFERENCE} over data seeds", *paired_section(vs_ref, row_label))
         for title, h, r in _sweep_tables(sweeps):
-            md += section(title, h, r)
+            md += section(title + (" (first data seed)" if k > 1 else ""), h, r)
         md += ["Plots: " + ", ".join(f"`{p}`" for p in plots) + "."]
         write_report(
             out,
             markdown=md,
-            results={"methods": dict(result), "meta": meta, "sweeps": sweeps},
+            results={"methods": dict(result), "meta": meta, "sweeps": sweeps, "paired": paired, "answer": answer},
             scores={
+                "seed": meta["seeds"][0],
                 "is_flipped": first["flipped"].astype(int).tolist(),
-                "scores": {k: v.tolist() for k, v in first["scores"].items()},
+                "scores": {k2: v.tolist() for k2, v in first["scores"].items()},
             },
         )
         text += ["", f"report: {out / 'report.md'} (results.json, scores.json, {', '.join(plots)})"]
@@ -530,6 +624,8 @@ def mislabel_demo(
     n_test: int | None = None,
     seed: int = 0,
     seeds: int = 3,
+    data_seeds: int | None = None,
+    bif: bool = False,
     methods: Sequence[str] | None = None,
     damping: float | str = "auto",
     sweeps: bool | None = None,
@@ -541,12 +637,26 @@ def mislabel_demo(
     (``synthetic=False``) or on the synthetic task, every method, one report.
 
     Sizes: real ``MislabelSettings()`` / ``MislabelSettings.quick()``, synthetic :data:`SYNTHETIC_SIZES`;
-    ``n_train`` / ``n_test`` override. ``seeds``: how many seeds a stochastic method runs (``seed``, ``seed+1``, ...).
-    ``sweeps``: damping / iteration sweeps (default: on, off with ``quick`` for the synthetic task).
-    ``exact`` is always run: it is the reference of the correlations.
+    ``n_train`` / ``n_test`` override. ``data_seeds``: how many data seeds (``seed``, ``seed+1``, ...:
+    each its own split, flip set and training run; default 3, ``quick`` and synthetic 1); the report
+    gives mean ± sd over them and paired differences against DataInf. ``seeds``: how many seeds a
+    stochastic method runs. ``bif``: also the BIF (opt-in: SGLD traces cost minutes per data seed;
+    named ``methods`` decide instead when given). ``sweeps``: damping / iteration sweeps on the first
+    data seed (default: on, off with ``quick`` for the synthetic task). ``exact`` is always run: it is
+    the reference of the correlations.
+
+    Raises:
+        ValueError: unknown methods, sizes too small to flip one label, ``data_seeds`` < 1.
     """
     if methods is not None and "exact" not in methods:
         methods = ["exact", *methods]
+    skipped = {}
+    if methods is None and not bif:
+        methods = [m for m in split_methods(None)[0] + split_methods(None)[1] if m != "bif"]
+        skipped["bif"] = BIF_OPT_IN
+    k = data_seeds if data_seeds is not None else (1 if quick or synthetic else 3)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"data_seeds must be a positive int, got {data_seeds!r}")
     overrides: dict[str, Any] = {"rrinf_seeds": tuple(range(seed, seed + seeds)), "damping": damping}
     if sweeps is not None:
         overrides["sweeps"] = sweeps
@@ -577,9 +687,19 @@ def mislabel_demo(
         log(
             f"fastinf demo: mislabelled-data detection on Rotten Tomatoes critic snippets ({len(texts)} available), "
             f"MiniLM-L6 + LoRA r={s.lora_r}; n_train={s.n_train} ({s.flip:.0%} flipped), n_test={s.n_test}, "
-            f"{s.epochs} epochs, checkpoints every 1/{s.checkpoints_per_epoch} epoch, BIF {s.bif_chains}×{s.bif_draws} "
-            "SGLD draws" + (" [--quick]" if quick else "")
+            f"{s.epochs} epochs, checkpoints every 1/{s.checkpoints_per_epoch} epoch, data seeds "
+            f"{list(range(seed, seed + k))}"
+            + ("" if "bif" in skipped else f", BIF {s.bif_chains}×{s.bif_draws} draws")
+            + (" [--quick]" if quick else "")
         )
     return mislabel_experiment(
-        texts, labels, methods=methods, seeds=(seed,), settings=s, report_dir=report_dir, progress=progress, log=log
+        texts,
+        labels,
+        methods=methods,
+        seeds=tuple(range(seed, seed + k)),
+        settings=s,
+        skipped=skipped,
+        report_dir=report_dir,
+        progress=progress,
+        log=log,
     )
