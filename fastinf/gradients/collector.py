@@ -237,8 +237,12 @@ class LoRAGradientCollector:
         out: dict[str, torch.Tensor] = {}
         sums: dict[str, dict[str, torch.Tensor]] | None = {} if factors else None
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) and factors else None
-        for i, site in enumerate(self.sites):
-            out.update(self._site_grads(site, records[i], N, sums, mask))
+        self._xx_cache: dict = {}
+        try:
+            for i, site in enumerate(self.sites):
+                out.update(self._site_grads(site, records[i], N, sums, mask))
+        finally:
+            self._xx_cache = {}
         grads = {n: out[n] for n in self.block_names}
         if sums is None:
             return grads
@@ -335,7 +339,14 @@ class LoRAGradientCollector:
                 xr, dr = kf.token_rows(x, mask), kf.token_rows(d, mask)
                 dt = torch.promote_types(xr.dtype, torch.float32)
                 ur, vr = xr.to(dt) @ A.detach().to(dt).T, dr.to(dt) @ B.detach().to(dt)
-                kf.accumulate(sums, site.names["A"], kf.block_sums(xr, vr, xr.shape[0]))
+                # LoRA layers fed the same input (q and v of one attention) share Σxxᵀ: computed once per batch
+                key = (r["x"].data_ptr(), tuple(r["x"].shape), r["x"].dtype) if not isinstance(a, nn.Conv2d) else None
+                xx = self._xx_cache.get(key) if key is not None else None
+                if xx is None:
+                    xx = kf.cov(xr)
+                    if key is not None:
+                        self._xx_cache[key] = xx
+                kf.accumulate(sums, site.names["A"], kf.block_sums(xr, vr, xr.shape[0], xx=xx))
                 part = kf.block_sums(ur, dr, xr.shape[0])
                 kf.accumulate(sums, site.names["B"], part)
                 if "B_bias" in site.names:

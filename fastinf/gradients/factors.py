@@ -141,9 +141,17 @@ def cov(rows: torch.Tensor) -> torch.Tensor:
     return (r.T @ r).to(torch.float64)
 
 
-def block_sums(x_rows: torch.Tensor | None, d_rows: torch.Tensor, tokens: int, dd: torch.Tensor | None = None):
-    """One call's sums of a block: input rows (None: a bias, input 1), output-gradient rows."""
-    xx = cov(x_rows) if x_rows is not None else torch.full((1, 1), float(tokens), dtype=torch.float64)
+def block_sums(
+    x_rows: torch.Tensor | None,
+    d_rows: torch.Tensor,
+    tokens: int,
+    dd: torch.Tensor | None = None,
+    xx: torch.Tensor | None = None,
+):
+    """One call's sums of a block: input rows (None: a bias, input 1), output-gradient rows (``xx`` /
+    ``dd``: their covariances when already computed for another block of the same input / output)."""
+    if xx is None:
+        xx = cov(x_rows) if x_rows is not None else torch.full((1, 1), float(tokens), dtype=torch.float64)
     return {"xx": xx, "dd": cov(d_rows) if dd is None else dd, "tokens": torch.full((1, 1), float(tokens))}
 
 
