@@ -176,6 +176,8 @@ def kron_run(net, tok, train_ds, test_ds, modules, strategy, empirical, work, ba
         overwrite_output_dir=True,
     )
     score_s = time.perf_counter() - t0
+    if scores is None:  # kronfluence 1.0.1 returns None after computing; the scores are on disk
+        scores = an.load_pairwise_scores(scores_name=name)
     return fit_s, score_s, -scores["all_modules"].double().mean(0)  # kronfluence: positive = helpful
 
 
