@@ -9,7 +9,10 @@
   λ = paper_λ · 10^(k/10), k = −60 … 60 (:data:`GCV_EXPONENTS`), or over ``grid=`` (absolute λ values).
 * ``"mean_eig"``: λ = c · tr(G) / min(n, D), c times the mean non-zero eigenvalue of G (option ``c``).
 * ``"dof"``: λ at which the effective degrees of freedom Σ_k σ_k/(σ_k + λ) (σ_k the eigenvalues of G)
-  equal ``share`` · min(n, D); solved by bisection on log λ (option ``share``, in (0, 1)).
+  equal ``share`` · r, r the rank of G (its eigenvalues above round-off); solved by bisection on log λ
+  (option ``share``, in (0, 1)). r = min(n, D) for gradients of full rank, the generic case (METHODS.md
+  §10 states the target as share · min(n, D)); a rank-deficient block — e.g. the bias of a two-class head,
+  whose per-example gradients are ±(same vector), rank 1 — would otherwise get a target it cannot reach.
 * ``"paper"``: the papers' rule, λ = c · tr(G) / D = c × the mean squared gradient entry (c = 0.1).
 
 :data:`LABEL_FREE_RULE` is the default label-free configuration, ``(rule, options)``: the rule and constant
@@ -217,19 +220,18 @@ def gcv_curve(spec: Spectrum, lambdas: torch.Tensor | Sequence[float]) -> torch.
     return torch.where(den > spec.width * 1e-12, vals, torch.full_like(vals, math.inf))
 
 
-def dof_lambda(eig_g: torch.Tensor, target: float) -> float:
-    """λ with Σ_k σ_k/(σ_k + λ) = target, σ_k the eigenvalues of G; bisection on log λ.
+def dof_lambda(eig_g: torch.Tensor, share: float) -> float:
+    """λ with Σ_k σ_k/(σ_k + λ) = share · r, σ_k the eigenvalues of G (those at round-off already set to 0,
+    see :func:`group_spectra`), r the number of positive ones; bisection on log λ.
 
     Raises:
-        ValueError: ``target`` not below the rank of G (the degrees of freedom only reach it as λ → 0).
+        ValueError: ``share`` not in (0, 1); no positive eigenvalue.
     """
     pos = eig_g[eig_g > 0].to(torch.float64)
     r = int(pos.numel())
-    if not target < r:
-        raise ValueError(
-            f"damping rule 'dof': the target {target:.6g} effective degrees of freedom is not below the rank "
-            f"{r} of the gradients' Fisher; use a smaller share"
-        )
+    target = share * r
+    if not (0 < share < 1 and r > 0):
+        raise ValueError(f"damping rule 'dof': needs a share in (0, 1) and gradients that are not all zero (rank {r})")
 
     def dof(log_lam: float) -> float:
         return float((pos / (pos + math.exp(log_lam))).sum())
@@ -258,7 +260,7 @@ def rule_lambda(rule: str, opts: Mapping[str, float], spec: Spectrum, grid: Sequ
     if rule == "mean_eig":
         return opts["c"] * spec.sq_sum / (n * min(n, w))
     if rule == "dof":
-        return dof_lambda(spec.eig / n, opts["share"] * min(n, w))
+        return dof_lambda(spec.eig / n, opts["share"])
     lams = torch.as_tensor(
         grid if grid is not None else [spec.paper_lambda * 10.0 ** (k / 10) for k in GCV_EXPONENTS],
         dtype=torch.float64,
@@ -275,7 +277,7 @@ def estimator_lambda(est: Any, group: Sequence[str], eigvals: Callable[[], torch
 
     Raises:
         ValueError: the rule gives λ = 0 where the method needs λ > 0 (all-zero gradients), a ``dof``
-            target beyond the rank, a ``dof`` Gram beyond ``memory_budget``.
+            Gram beyond ``memory_budget``.
     """
     d = est.options.damping
     if isinstance(d, dict):
@@ -296,11 +298,9 @@ def estimator_lambda(est: Any, group: Sequence[str], eigvals: Callable[[], torch
     elif not tot > 0:
         lam = 0.0
     else:  # dof
-        eig = eigvals() if eigvals is not None else _estimator_eigvals(est, group)
-        try:
-            lam = dof_lambda(eig.to(torch.float64).cpu(), opts["share"] * min(n, width))
-        except ValueError as e:
-            raise ValueError(f"{type(est).__name__}: {e}") from None
+        eig = (eigvals() if eigvals is not None else _estimator_eigvals(est, group)).to(torch.float64).cpu()
+        tol = float(eig.abs().max()) * max(n, width) * torch.finfo(torch.float64).eps
+        lam = dof_lambda(torch.where(eig > tol, eig, torch.zeros_like(eig)), opts["share"])
     if not lam > 0 and est.requires_positive_damping:
         raise est._zero_damping_error()
     return lam
