@@ -236,11 +236,13 @@ class DemoCommand(Command):
         "encoder (with a classification head) on Rotten Tomatoes critic snippets with 20 % of the\n"
         "training labels flipped (HF Trainer + fastinf's checkpoint callback), capture per-example\n"
         "gradients, score with every method (influence on the mean test loss; positive = harmful),\n"
-        "Z0-Inf from the saved checkpoints and the BIF from SGLD traces, run the damping and iteration\n"
-        "sweeps, print one table (AUC, agreement with exact, λ, time, memory) and write a report\n"
-        "directory (report.md, results.json, scores.json, PNG plots). About 10 minutes on a 2-core\n"
-        "CPU; --quick: about 2 minutes. --synthetic: the seconds-long synthetic variant (gradient\n"
-        "methods only), same table and report files."
+        "the baselines (training loss, gradient norm, self-influence), label-free λ, TracIn-CP,\n"
+        "checkpoint ensembles and Z0-Inf from the saved checkpoints (the BIF with --bif), over 3 data\n"
+        "seeds: which method to use and how sure (mean ± sd, paired differences against DataInf),\n"
+        "one table (AUC, agreement with exact, λ, time, memory), the damping and iteration sweeps and\n"
+        "a report directory (report.md, results.json, scores.json, PNG plots). About 15 minutes on a\n"
+        "2-core CPU; --quick (one seed): a few minutes. --synthetic: the seconds-long synthetic variant\n"
+        "(gradient methods only), same table and report files."
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -267,6 +269,15 @@ class DemoCommand(Command):
             "--seed", type=_non_negative_int, default=0, metavar="S", help="seed of data, model, methods"
         )
         parser.add_argument("--seeds", type=_positive_int, default=3, metavar="K", help="seeds of rrinf: S, S+1, ...")
+        parser.add_argument(
+            "--data-seeds",
+            type=_positive_int,
+            default=None,
+            metavar="K",
+            help="data seeds S, S+1, ... (each its own split, flip set and training run; mean ± sd and paired "
+            "differences against DataInf over them); default 3, --quick and --synthetic 1",
+        )
+        parser.add_argument("--bif", action="store_true", help="also the BIF (SGLD traces: minutes per data seed)")
         parser.add_argument("--methods", type=_methods, metavar="LIST", help="comma-separated methods (default: all)")
         parser.add_argument("--damping", type=_damping, default="auto", metavar="LAMBDA", help=DAMPING_HELP)
         parser.add_argument("--quick", action="store_true", help="smaller run (CI smoke test)")
@@ -289,6 +300,8 @@ class DemoCommand(Command):
             n_test=args.n_test,
             seed=args.seed,
             seeds=args.seeds,
+            data_seeds=args.data_seeds,
+            bif=args.bif,
             methods=args.methods,
             damping=args.damping,
             sweeps=args.sweep,

@@ -19,24 +19,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...gradients import LoRAGradientCollector
 from ...utils import pm, text_table, timed
 from .. import hf
+from ..checkpoint_influence import checkpoint_influence, collect_with_losses
 from ..metrics import agreement, class_detection
-from ..report import damping_section, plot_auc_vs_damping, plot_time_vs_auc, section, write_report
-from ..runner import MethodRun, damping_sweep, run_bif, run_gradient_methods, run_z0inf, split_methods
+from ..report import damping_section, lambda_text, plot_auc_vs_damping, plot_time_vs_auc, section, write_report
+from ..runner import (
+    MethodRun,
+    damping_sweep,
+    row_label,
+    run_bif,
+    run_gradient_methods,
+    run_label_free,
+    run_z0inf,
+    split_methods,
+)
 from .common import ExperimentResult, prepare_report_dir, settings_dict
 
 __all__ = [
     "ClassDetectionSettings",
     "class_detection_experiment",
     "class_detection_table",
+    "extra_class_rows",
     "finish_report",
     "score_class_detection",
     "z0inf_record",
 ]
 
 GRAD_FIELDS = ("text", "answer", "prompt")
+CLASS_LABELS = {"self_influence": "self-influence (every gradient method)"}
 
 
 @dataclass
@@ -60,6 +71,9 @@ class ClassDetectionSettings:
     bif_localization: float = 1e4
     damping_multipliers: tuple[float, ...] = (1, 10, 100, 1e3, 1e4, 1e5, 1e6)
     sweeps: bool = True
+    baselines: bool = True  # label-free λ rows, and the test-free baselines listed as n/a
+    checkpoint_methods: bool = True  # TracIn-CP and checkpoint ensembles (captures at every checkpoint)
+    ensemble_methods: tuple[str, ...] = ("datainf", "exact")
 
     def __post_init__(self) -> None:
         if self.grad_field not in GRAD_FIELDS:
@@ -117,9 +131,14 @@ def score_class_detection(
     return out, exact
 
 
-def z0inf_record(model, checkpoints, tr_loader, te_loader, ytr, yte, exact, progress, loss_fn=None) -> dict:
-    """Z0-Inf class-detection record from adapter checkpoints (|Spearman| weights, K = min(4, T − 1))."""
-    run, _ = run_z0inf(model, checkpoints, tr_loader, te_loader, reduce=None, loss_fn=loss_fn, progress=progress)
+def z0inf_record(
+    model, checkpoints, tr_loader, te_loader, ytr, yte, exact, progress, loss_fn=None, tables=None
+) -> dict:
+    """Z0-Inf class-detection record from adapter checkpoints (|Spearman| weights, K = min(4, T − 1));
+    ``tables``: the (train, test) loss tables when the checkpoint captures already measured them."""
+    run, _ = run_z0inf(
+        model, checkpoints, tr_loader, te_loader, reduce=None, loss_fn=loss_fn, tables=tables, progress=progress
+    )
     rec = record(run, ytr, yte, exact)
     if rec.get("auc") is not None:
         rec["note"] = f"T={len(checkpoints)} checkpoints"
@@ -140,6 +159,60 @@ def class_damping_sweep(gtr, gte, ytr, yte, settings: Any, methods: Sequence[str
             gtr, gte, settings.damping_multipliers, metric, reduce=None, methods=swept, progress=progress
         )
     }
+
+
+#: why the test-free rankings have no class-detection AUC
+NO_TEST_DEPENDENCE = (
+    "n/a: no test dependence — one ranking of the training examples serves every test point, so the per-test "
+    "AUC averages to 0.5 by construction with balanced classes"
+)
+
+
+def extra_class_rows(
+    model,
+    checkpoints,
+    learning_rates,
+    tr_loader,
+    te_loader,
+    gtr,
+    gte,
+    ytr,
+    yte,
+    exact,
+    settings,
+    methods,
+    progress,
+    loss_fn=None,
+) -> tuple[dict[str, dict], tuple | None]:
+    """The label-free λ rows, TracIn-CP and checkpoint ensembles (scores (m, n)) and the test-free
+    baselines (listed as n/a: :data:`NO_TEST_DEPENDENCE`), as class-detection records; returns
+    (records, the checkpoints' (train, test) loss tables or None)."""
+    out: dict[str, dict] = {}
+    if settings.baselines:
+        runs = run_label_free(
+            gtr, gte, [m for m in ("exact", "datainf") if m in methods], reduce=None, progress=progress
+        )
+        out.update({n: record(r, ytr, yte, exact) for n, r in runs.items()})
+    tables = None
+    if settings.checkpoint_methods and len(checkpoints) > 0:
+        ck = checkpoint_influence(
+            model,
+            checkpoints,
+            tr_loader,
+            te_loader,
+            learning_rates=learning_rates,
+            methods=[m for m in settings.ensemble_methods if m in methods],
+            reduce=None,
+            damping=settings.damping,
+            loss_fn=loss_fn,
+            progress=progress,
+        )
+        out.update({n: record(r, ytr, yte, exact) for n, r in ck.runs.items() if n != "tracin_cp_self"})
+        tables = (ck.train_losses, ck.test_losses)
+    if settings.baselines:
+        for key in ("train_loss", "grad_norm", "self_influence"):
+            out[key] = {"auc": None, "recall": None, "seconds": None, "skipped": NO_TEST_DEPENDENCE}
+    return out, tables
 
 
 # ------------------------------------------------------------------------------------ the experiment
@@ -231,16 +304,33 @@ def class_detection_experiment(
         tr_loader = torch.utils.data.DataLoader(tr_ds, batch_size=s.batch_size, collate_fn=collate)
         te_loader = torch.utils.data.DataLoader(te_ds, batch_size=s.batch_size, collate_fn=collate)
         say("capturing per-example gradients")
-        col = LoRAGradientCollector(net)
-        (gtr, gte), sec, _ = timed(
-            lambda: (col.collect(tr_loader, progress=progress), col.collect(te_loader, progress=progress))
-        )
+        ((gtr, gte), _), sec, _ = timed(lambda: collect_with_losses(net, [tr_loader, te_loader], progress=progress))
         meta.update(grad_seconds=sec, D=gtr.dim, blocks=len(gtr.names))
         out, exact = score_class_detection(gtr, gte, grad_methods, ytr, yte, s, progress)
+        if s.checkpoint_methods:
+            say(f"label-free λ, TracIn-CP and checkpoint ensembles: captures at {len(checkpoints)} checkpoints")
+        extra, tables = extra_class_rows(
+            net,
+            checkpoints,
+            checkpoints.learning_rates,
+            tr_loader,
+            te_loader,
+            gtr,
+            gte,
+            ytr,
+            yte,
+            exact,
+            s,
+            grad_methods,
+            progress,
+        )
+        out.update(extra)
+        meta["checkpoints"] = len(checkpoints)
         if "z0inf" in trace_methods:
             say(f"Z0-Inf: losses at {len(checkpoints)} checkpoints")
-            out["z0inf"] = z0inf_record(net, checkpoints, tr_loader, te_loader, ytr, yte, exact, progress)
-            meta["checkpoints"] = len(checkpoints)
+            out["z0inf"] = z0inf_record(
+                net, checkpoints, tr_loader, te_loader, ytr, yte, exact, progress, tables=tables
+            )
     if "bif" in trace_methods:
         say(f"BIF: {s.bif_chains} chains × {s.bif_draws} draws")
         sgld = torch.utils.data.DataLoader(
@@ -281,10 +371,13 @@ def class_detection_table(result: ExperimentResult) -> tuple[list[str], list[lis
     headers = ["method", "AUC (mean ± std over test points)", "recall@k", "corr. with exact", "λ", "seconds", "note"]
     rows = []
     for m, r in result.items():
+        label = CLASS_LABELS.get(m) or row_label(m)
         if r.get("auc") is None:
-            rows.append([m, r.get("skipped") or "failed", "—", "—", "—", "—", (r.get("error") or "")[:80]])
+            skipped = r.get("skipped") or ""
+            cell = "n/a" if skipped.startswith("n/a") else ("skipped" if skipped else "failed")
+            rows.append([label, cell, "—", "—", "—", "—", (skipped or r.get("error") or "")[:160]])
             continue
-        name = m + (f" ({len(r['seeds'])} seeds)" if r.get("seeds") and len(r["seeds"]) > 1 else "")
+        name = label + (f" ({len(r['seeds'])} seeds)" if r.get("seeds") and len(r["seeds"]) > 1 else "")
         note = r.get("note", "")
         if r.get("auc_seed_std") is not None:
             note = (note + "; " if note else "") + f"AUC std over seeds {r['auc_seed_std']:.3f}"
@@ -292,15 +385,13 @@ def class_detection_table(result: ExperimentResult) -> tuple[list[str], list[lis
             note = (
                 note + "; " if note else ""
             ) + f"not converged at depth {result.meta['settings'].get('lissa_depth')}"
-        lam = r.get("lambda")
-        lam_text = "—" if lam is None else (f"{lam:.3g}" if isinstance(lam, float) else f"{lam[0]:.2g}…{lam[1]:.2g}")
         rows.append(
             [
                 name,
                 pm(*r["auc"]),
                 pm(*r["recall"]),
                 pm(r.get("corr_with_exact"), None),
-                lam_text,
+                lambda_text(r.get("lambda")),
                 f"{r['seconds']:.2f}",
                 note,
             ]
@@ -326,7 +417,7 @@ def finish_report(result: ExperimentResult, out: Path | None) -> ExperimentResul
         text += ["", "AUC vs damping multiplier", text_table(*damping_section(sweep))]
     result.report_dir = out
     if out is not None:
-        pts = {m: (r["seconds"], r["auc"][0]) for m, r in result.items() if r.get("auc") is not None}
+        pts = {row_label(m): (r["seconds"], r["auc"][0]) for m, r in result.items() if r.get("auc") is not None}
         plot_time_vs_auc(out / "time_vs_auc.png", pts, "Time vs class-detection AUC", ylabel="class-detection AUC")
         if sweep:
             plot_auc_vs_damping(
@@ -338,7 +429,11 @@ def finish_report(result: ExperimentResult, out: Path | None) -> ExperimentResul
             _context(meta),
             "",
             "Per test example: AUC = roc_auc(same class, −I[j, :]); recall@k = share of its class among the k most "
-            "negative scores, k = training examples of the class. Mean ± std over test examples.",
+            "negative scores, k = training examples of the class. Mean ± std over test examples. "
+            "'(label-free λ)': the method at the λ the damping rule picks from the training gradients alone; "
+            "tracin_cp = −Σ_t η_t ⟨g_t(i), g_t(j)⟩ over the checkpoints; '(checkpoint ensemble)': the mean of the "
+            "method's scores over the checkpoints after the initial one. The test-free baselines (training loss, "
+            "gradient norm, self-influence) are n/a here: " + NO_TEST_DEPENDENCE[5:] + ".",
             "",
             *section(None, headers, rows),
         ]

@@ -11,11 +11,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...gradients import LoRAGradientCollector
 from ...integrations.diffusers import DenoisingLoss
 from ...utils import timed
+from ..checkpoint_influence import collect_with_losses
 from ..runner import split_methods
-from .class_detection import class_damping_sweep, finish_report, score_class_detection, z0inf_record
+from .class_detection import (
+    class_damping_sweep,
+    extra_class_rows,
+    finish_report,
+    score_class_detection,
+    z0inf_record,
+)
 from .common import ExperimentResult, prepare_report_dir, settings_dict
 
 __all__ = ["DiffusionSettings", "diffusion_class_detection_experiment"]
@@ -38,6 +44,9 @@ class DiffusionSettings:
     rrinf_seeds: tuple[int, ...] = (0, 1, 2)
     damping_multipliers: tuple[float, ...] = (1, 10, 100, 1e3, 1e4, 1e5, 1e6)
     sweeps: bool = True
+    baselines: bool = True  # label-free λ rows, and the test-free baselines listed as n/a
+    checkpoint_methods: bool = True  # TracIn-CP (η_t = lora_lr, constant) and checkpoint ensembles
+    ensemble_methods: tuple[str, ...] = ("datainf", "exact")
 
 
 def _unet(num_classes: int, channels: int, size: int):
@@ -159,15 +168,35 @@ def diffusion_class_detection_experiment(
     te_loader = loader(te_idx, torch.arange(len(te_idx)) + 10**6)  # test ids never coincide with train ids
     cap_loss = DenoisingLoss(timesteps=s.timesteps, seed=seed, salt="influence")
     say(f"capturing per-example gradients at timesteps {list(s.timesteps)} (noise seeded per image)")
-    col = LoRAGradientCollector(unet, loss_fn=cap_loss)
-    (gtr, gte), grad_sec, _ = timed(
-        lambda: (col.collect(tr_loader, progress=progress), col.collect(te_loader, progress=progress))
+    ((gtr, gte), _), grad_sec, _ = timed(
+        lambda: collect_with_losses(unet, [tr_loader, te_loader], loss_fn=cap_loss, progress=progress)
     )
     ytr, yte = y[tr_idx].numpy(), y[te_idx].numpy()
     out, exact = score_class_detection(gtr, gte, grad_methods, ytr, yte, s, progress)
+    if s.checkpoint_methods:
+        say(f"label-free λ, TracIn-CP and checkpoint ensembles: captures at {len(checkpoints)} checkpoints")
+    extra, tables = extra_class_rows(
+        unet,
+        checkpoints,
+        [s.lora_lr] * len(checkpoints),  # AdamW at a constant learning rate
+        tr_loader,
+        te_loader,
+        gtr,
+        gte,
+        ytr,
+        yte,
+        exact,
+        s,
+        grad_methods,
+        progress,
+        loss_fn=cap_loss,
+    )
+    out.update(extra)
     if "z0inf" in trace_methods:
         say(f"Z0-Inf: losses at {len(checkpoints)} checkpoints")
-        out["z0inf"] = z0inf_record(unet, checkpoints, tr_loader, te_loader, ytr, yte, exact, progress, cap_loss)
+        out["z0inf"] = z0inf_record(
+            unet, checkpoints, tr_loader, te_loader, ytr, yte, exact, progress, cap_loss, tables=tables
+        )
     out.sweeps = class_damping_sweep(gtr, gte, ytr, yte, s, grad_methods, progress)
     out.meta = {
         "task": "diffusion class detection",

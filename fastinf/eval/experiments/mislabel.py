@@ -426,7 +426,7 @@ def synthetic_mislabel_experiment(
         extra = _extra_rows(task.train, task.test, None, s, grad_methods, seed, progress)
         part["methods"].update({n: _record(r, flipped, part["exact"]) for n, r in extra.items()})
         part["scores"].update(scores_for_report(extra))
-    for m in [*trace_methods, *(["tracin_cp"] if s.checkpoint_methods else [])]:
+    for m in [*trace_methods, *(["tracin_cp"] if s.checkpoint_methods and methods is None else [])]:
         part["methods"][m] = {"auc": None, "skipped": TRACE_SKIP}
     info = task.info
     meta = {
