@@ -56,7 +56,8 @@ std::vector<at::Tensor> lora_dy(at::Tensor dy, at::Tensor u, at::Tensor B, at::T
   u = u.contiguous();
   B = B.contiguous();
   eu = eu.contiguous();
-  const int64_t T = std::max<int64_t>(1, (dout + fastinf::lora_d_tile() - 1) / fastinf::lora_d_tile());
+  const int64_t tile = fastinf::lora_dy_tile(dt);
+  const int64_t T = std::max<int64_t>(1, (dout + tile - 1) / tile);
   const auto opts = dy.options().dtype(at::kFloat);
   const bool run = N > 0 && S > 0 && r > 0 && dout > 0;
   at::Tensor pB = run ? at::empty({N, splits, dout, r}, opts) : at::zeros({N, splits, dout, r}, opts);
@@ -174,7 +175,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastinf CUDA kernels (see fastinf/_ext/ops.py for the Python-level contracts)";
   m.def("lora_dy", &lora_dy, "LoRA: gB split partials and the pieces of v = dy B (reads dy once)", py::arg("dy"),
         py::arg("u"), py::arg("B"), py::arg("eu"), py::arg("splits"), py::arg("s_per"));
-  m.def("lora_d_tile", &fastinf::lora_d_tile, "columns of d per block of the LoRA kernels (tiles of v's pieces)");
+  m.def(
+      "lora_tiles",
+      [](at::Tensor x) {
+        return std::vector<int64_t>{fastinf::lora_dy_tile(dtype_code(x, "x")), fastinf::lora_x_tile()};
+      },
+      "(d_out tile of the dy kernel, d_in tile of the x kernel) for x's dtype", py::arg("x"));
   m.def("lora_x", &lora_x, "LoRA: gA split partials (reads x once)", py::arg("x"), py::arg("v"), py::arg("ev"),
         py::arg("splits"), py::arg("s_per"));
   m.def("datainf_coef", &datainf_coef, "DataInf pass 1: P = T G^T and |g_i|^2", py::arg("G"), py::arg("T"),

@@ -17,9 +17,10 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // are the glue's scaled operands (u*w / 2^eu_i, v*w / 2^ev_i rounded to `dt`); eu, ev (N,) float32 factors.
 // The split of S: `splits` ranges of `s_per` rows (splits * s_per >= S). Every element of the outputs is written:
 //   lora_dy_launch: pB (N, splits, dout, r) = 2^eu_i dy^T u per split; vp (N, T, S, r) = dy B per d_out tile,
-//                   T = ceil(dout / lora_d_tile())  (v = vp.sum(1));
+//                   T = ceil(dout / lora_dy_tile(dt))  (v = vp.sum(1));
 //   lora_x_launch:  pA (N, splits, r, din) = 2^ev_i v^T x per split.
-int64_t lora_d_tile();
+int64_t lora_dy_tile(DType dt);
+int64_t lora_x_tile();
 void lora_dy_launch(DType dt, const void* dy, const void* u, const void* B, const float* eu, float* pB, float* vp,
                     int64_t N, int64_t S, int64_t dout, int64_t r, int64_t splits, int64_t s_per,
                     cudaStream_t stream);

@@ -2,10 +2,10 @@
 //   gB_i = scale sum_s m_is dy_is u_is^T   (d_out, r)        u = A x (the capture hook's lora_A output)
 //   gA_i = scale sum_s m_is v_is x_is^T    (r, d_in)         v = B^T dy
 // The same plan as fastinf/kernels/lora_per_sample_grads.py, two launches:
-//   lora_dy_kernel: one block per (example i, kBD columns of d_out, rank tile, split of S). It streams its dy
+//   lora_dy_kernel: one block per (example i, 128 columns of d_out (64 in float32), rank tile, split of S). It streams its dy
 //     tile over S once (kCS rows per step, through shared memory) and forms on the tensor cores both gB's tile
 //     (dy^T u_op, accumulated over S in registers) and the tile's piece of v = dy B (written to a float32
-//     (N, ceil(d_out/kBD), S, r) buffer that the host sums in a fixed order).
+//     (N, ceil(d_out/tile), S, r) buffer that the host sums in a fixed order).
 //   lora_x_kernel: one block per (example i, kBD columns of d_in, rank tile, split of S) streams its x tile over
 //     S once and accumulates gA's tile = v_op^T x.
 // u_op and v_op are u*w and v*w (w = scale * mask) scaled per example by an exact power of two and rounded to
@@ -19,13 +19,20 @@
 namespace fastinf {
 namespace {
 
-constexpr int kThreads = 128;  // 4 warps
+constexpr int kThreads = 128;  // 4 warps (x kernel)
 constexpr int kCS = 32;        // rows of S per step
-constexpr int kBD = 64;        // width of one d tile: 4 warps x 16
+constexpr int kBD = 64;        // width of one d_in tile of the x kernel: 4 warps x 16
 constexpr int kLDS = 16 + 4;   // per-warp float staging: [16][kLDS]
 
+// d_out tile of the dy kernel: 128 columns (8 warps x 16) for 16-bit inputs, so that v's pieces cost r/128 * 4
+// bytes per dy element; 64 (4 warps) for float32, whose tiles would not fit in 48 KB of static shared memory.
+template <typename T>
+__host__ __device__ constexpr int dy_tile() {
+  return sizeof(T) == 4 ? 64 : 128;
+}
+
 template <typename T, int kR>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(dy_tile<T>() * 2)
     lora_dy_kernel(const T* __restrict__ dy, const T* __restrict__ u, const T* __restrict__ B,
                    const float* __restrict__ eu, float* __restrict__ pB, float* __restrict__ vp, int S, int dout,
                    int r, int n_tiles, int n_rtiles, int n_splits, int s_per, bool vec_dy, bool vec_u, bool vec_b) {
@@ -33,13 +40,16 @@ __global__ void __launch_bounds__(kThreads)
   __trap();
 #else
   using M = Mma<T>;
-  constexpr int LD = kBD + kPad<T>;  // dy tile [kCS][LD]
-  constexpr int LDR = kR + kPad<T>;  // u tile [kCS][LDR], B tile [kBD][LDR]
+  constexpr int BD = dy_tile<T>();
+  constexpr int NW = BD / 16;        // warps: 16 rows of the gB tile each
+  constexpr int NT = NW * 32;
+  constexpr int LD = BD + kPad<T>;   // dy tile [kCS][LD]
+  constexpr int LDR = kR + kPad<T>;  // u tile [kCS][LDR], B tile [BD][LDR]
   constexpr int FR = kR / 16;
   __shared__ __align__(128) T ys[kCS * LD];
   __shared__ __align__(128) T us[kCS * LDR];
-  __shared__ __align__(128) T bs[kBD * LDR];
-  __shared__ __align__(128) float stage[4 * 16 * kLDS];
+  __shared__ __align__(128) T bs[BD * LDR];
+  __shared__ __align__(128) float stage[NW * 16 * kLDS];
 
   int64_t bid = blockIdx.x;
   const int t = static_cast<int>(bid % n_tiles);  // d tiles of one example adjacent: u_i served from L2
@@ -48,8 +58,8 @@ __global__ void __launch_bounds__(kThreads)
   bid /= n_rtiles;
   const int p = static_cast<int>(bid % n_splits);
   const int64_t i = bid / n_splits;
-  const int d0 = t * kBD, r0 = rt * kR;
-  const int dv = min(kBD, dout - d0), rv = min(kR, r - r0);
+  const int d0 = t * BD, r0 = rt * kR;
+  const int dv = min(BD, dout - d0), rv = min(kR, r - r0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int s_lo = p * s_per, s_hi = min(S, s_lo + s_per);
   const T* yb = dy + i * S * dout;
@@ -57,15 +67,15 @@ __global__ void __launch_bounds__(kThreads)
   float* vb = vp + (i * n_tiles + t) * S * r;
   float* st = stage + warp * 16 * kLDS;
 
-  load_tile<T, T, kBD, kR, kThreads>(bs, LDR, B + static_cast<int64_t>(d0) * r + r0, r, dv, rv, vec_b);
+  load_tile<T, T, BD, kR, NT>(bs, LDR, B + static_cast<int64_t>(d0) * r + r0, r, dv, rv, vec_b);
   typename M::Acc acc[FR];
 #pragma unroll
   for (int f = 0; f < FR; ++f) wm::fill_fragment(acc[f], 0.f);
 
   for (int s0 = s_lo; s0 < s_hi; s0 += kCS) {
     const int rows = min(kCS, s_hi - s0);
-    load_tile<T, T, kCS, kBD, kThreads>(ys, LD, yb + static_cast<int64_t>(s0) * dout + d0, dout, rows, dv, vec_dy);
-    load_tile<T, T, kCS, kR, kThreads>(us, LDR, ub + static_cast<int64_t>(s0) * r + r0, r, rows, rv, vec_u);
+    load_tile<T, T, kCS, BD, NT>(ys, LD, yb + static_cast<int64_t>(s0) * dout + d0, dout, rows, dv, vec_dy);
+    load_tile<T, T, kCS, kR, NT>(us, LDR, ub + static_cast<int64_t>(s0) * r + r0, r, rows, rv, vec_u);
     __syncthreads();
     // gB[d0 + 16w .., r0 ..] += dy^T u_op: a(i, k) = dy[k][16w + i], the dy tile read column-major
 #pragma unroll
@@ -74,13 +84,13 @@ __global__ void __launch_bounds__(kThreads)
       for (int f = 0; f < FR; ++f)
         M::template step<wm::col_major, wm::row_major>(acc[f], ys + kk * LD + warp * 16, LD, us + kk * LDR + f * 16,
                                                        LDR);
-    // this tile's piece of v = dy B for the step's rows: (kCS x kBD) (kBD x kR), 16 x 16 tiles over the warps
-    for (int tile = warp; tile < (kCS / 16) * FR; tile += 4) {
+    // this tile's piece of v = dy B for the step's rows: (kCS x BD) (BD x kR), 16 x 16 tiles over the warps
+    for (int tile = warp; tile < (kCS / 16) * FR; tile += NW) {
       const int rr = tile / FR, cc = tile % FR;
       typename M::Acc va;
       wm::fill_fragment(va, 0.f);
 #pragma unroll
-      for (int kk = 0; kk < kBD; kk += M::K)
+      for (int kk = 0; kk < BD; kk += M::K)
         M::template step<wm::row_major, wm::row_major>(va, ys + rr * 16 * LD + kk, LD, bs + kk * LDR + cc * 16, LDR);
       wm::store_matrix_sync(st, va, kLDS, wm::mem_row_major);
       __syncwarp();
@@ -199,13 +209,15 @@ void check_sizes(int64_t N, int64_t S, int64_t d, int64_t r, int64_t tiles, int6
 
 }  // namespace
 
-int64_t lora_d_tile() { return kBD; }
+int64_t lora_x_tile() { return kBD; }
+
+int64_t lora_dy_tile(DType dt) { return dt == DType::kFloat32 ? dy_tile<float>() : dy_tile<__half>(); }
 
 void lora_dy_launch(DType dt, const void* dy, const void* u, const void* B, const float* eu, float* pB, float* vp,
                     int64_t N, int64_t S, int64_t dout, int64_t r, int64_t splits, int64_t s_per,
                     cudaStream_t stream) {
   if (N == 0 || S == 0 || r == 0 || dout == 0) return;
-  const int64_t tiles = ceil_div(dout, kBD);
+  const int64_t tiles = ceil_div(dout, lora_dy_tile(dt));
   check_sizes(N, S, dout, r, tiles, splits, s_per);
   dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
@@ -217,7 +229,7 @@ void lora_dy_launch(DType dt, const void* dy, const void* u, const void* B, cons
       constexpr int kR = decltype(rk)::value;
       const int64_t rtiles = ceil_div(r, kR);
       const int64_t blocks = N * tiles * rtiles * splits;
-      lora_dy_kernel<T, kR><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      lora_dy_kernel<T, kR><<<static_cast<unsigned>(blocks), dy_tile<T>() * 2, 0, stream>>>(
           static_cast<const T*>(dy), static_cast<const T*>(u), static_cast<const T*>(B), eu, pB, vp,
           static_cast<int>(S), static_cast<int>(dout), static_cast<int>(r), static_cast<int>(tiles),
           static_cast<int>(rtiles), static_cast<int>(splits), static_cast<int>(s_per), vy, vu, vb);

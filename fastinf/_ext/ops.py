@@ -23,11 +23,11 @@ def lora_per_sample_grads_cuda(x, dy, A, B, scale=1.0, mask=None, *, u=None, ret
     N, S, din = x.shape
     dout = dy.shape[2]
     sms = K.sm_count(x.device)
-    tile = C.lora_d_tile()
-    splits, per = K.lora_splits(N, S, -(-dout // tile), 32, sms)
+    tile_y, tile_x = C.lora_tiles(x)
+    splits, per = K.lora_splits(N, S, -(-dout // tile_y), 32, sms)
     pB, vp = C.lora_dy(dy, u_op, B, eu, splits, per)
     v_op, ev = K.lora_v_operand(vp, w, scale, x.dtype)
-    splits, per = K.lora_splits(N, S, -(-din // tile), 32, sms)
+    splits, per = K.lora_splits(N, S, -(-din // tile_x), 32, sms)
     pA = C.lora_x(x, v_op, ev, splits, per)
     return K.lora_finish(pA, pB, return_sq_norms)
 

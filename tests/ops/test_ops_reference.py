@@ -115,3 +115,14 @@ def test_lora_per_sample_grads_shapes_checked():
         ops.lora_per_sample_grads(x, dy, torch.randn(2, 4), torch.randn(5, 2), 1.0, torch.ones(2, 4))
     gA, gB = ops.lora_per_sample_grads(x.bfloat16(), dy.bfloat16(), torch.randn(2, 4), torch.randn(5, 2))
     assert gA.dtype == torch.float32 and gA.shape == (2, 2, 4) and gB.shape == (2, 5, 2)
+
+
+@pytest.mark.skipif(not os.environ.get("FASTINF_REQUIRE_BACKENDS"), reason="FASTINF_REQUIRE_BACKENDS not set")
+def test_required_backends_load():
+    """bench/gpu_check.sh sets FASTINF_REQUIRE_BACKENDS=cuda,triton: a backend that cannot load (a failed CUDA
+    build, no GPU) fails here instead of turning every test of it into a skip."""
+    from fastinf.ops import _dispatch
+
+    for b in [s.strip() for s in os.environ["FASTINF_REQUIRE_BACKENDS"].split(",") if s.strip()]:
+        why = _dispatch._why_unavailable(b) or _dispatch._ensure_loaded(b)
+        assert why is None, f"backend {b!r} is required (FASTINF_REQUIRE_BACKENDS) but cannot run: {why}"
