@@ -41,8 +41,11 @@ def test_report_files_exist(demo):
         "detection_curves.png",
         "time_vs_auc.png",
         "auc_vs_damping.png",
+        "auc_by_method.png",
     ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    assert report.index("## Which method to use") < report.index("| method |")  # the answer comes first
 
 
 def test_every_method_scored_every_example(demo):
@@ -54,12 +57,34 @@ def test_every_method_scored_every_example(demo):
     for m in fastinf.available_methods():
         assert m in results["methods"], m
         r = results["methods"][m]
+        if m == "bif":  # opt-in (fastinf demo --bif): listed with the reason
+            assert r["auc"] is None and "--bif" in r["skipped"], r
+            continue
         assert r.get("auc") is not None and 0.0 <= r["auc"] <= 1.0, (m, r)
         assert m in scores["scores"], m
         s = scores["scores"][m]
         assert len(s) == n and all(math.isfinite(v) for v in s), m
         assert m in proc.stdout
     assert 0.0 <= results["meta"]["test_accuracy"] <= 1.0
+    # the baselines, label-free λ and checkpoint rows (one data seed with --quick)
+    for m in (
+        "train_loss",
+        "grad_norm",
+        "exact_self",
+        "datainf_self",
+        "exact_label_free",
+        "datainf_label_free",
+        "tracin_cp",
+        "tracin_cp_self",
+        "datainf_ckpt_ensemble",
+        "exact_ckpt_ensemble",
+        "z0inf_self",
+    ):
+        r = results["methods"][m]
+        assert r.get("auc") is not None and 0.0 <= r["auc"] <= 1.0, (m, r)
+        assert len(scores["scores"][m]) == n, m
+    assert results["methods"]["exact_label_free"]["lambda"] > 0
+    assert results["meta"]["seeds"] == [0] and results["paired"] == {}
 
 
 def test_reported_numbers_follow_from_the_saved_scores(demo):

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..utils import atomic_write, fmt, markdown_table, write_json
+from ..utils import atomic_write, fmt, markdown_table, pm, write_json
 
 __all__ = [
     "ROWS_NOTE",
@@ -22,6 +22,7 @@ __all__ = [
     "plot_detection_curves",
     "plot_time_vs_auc",
     "section",
+    "sweep_tables",
     "write_report",
 ]
 
@@ -161,6 +162,18 @@ def _t_crit(k: int) -> float:
     from scipy import stats
 
     return float(stats.t.ppf(0.975, df=k - 1))
+
+
+def sweep_tables(sweeps: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, headers, rows) of each sweep run: damping (AUC vs multiplier) and RRInf iterations."""
+    out = []
+    if sweeps.get("damping"):
+        out.append(("AUC vs damping multiplier (λ = multiplier × the 'auto' λ)", *damping_section(sweeps["damping"])))
+    if sweeps.get("rrinf_iterations"):
+        rows = [[f"{k:,} iterations", pm(*v)] for k, v in sweeps["rrinf_iterations"].items()]
+        rows.append(["rrinf_fixed_point (closed form)", f"{sweeps['rrinf_fixed_point']:.3f}"])
+        out.append(("RRInf iterations vs its fixed point", ["RRInf", "AUC"], rows))
+    return out
 
 
 def write_report(

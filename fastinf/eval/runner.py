@@ -365,13 +365,19 @@ def run_baselines(
     seed: int = 0,
     damping: float | str = "auto",
     lissa_depth: int = 100,
+    skip_self: Mapping[str, str] | None = None,
     progress: bool = True,
 ) -> dict[str, MethodRun]:
     """The test-free baselines, as suspicion scores (high = rank first): ``train_loss`` (the final
     model's per-example loss, when given), ``grad_norm`` (‖g_i‖) and ``<method>_self`` for every
     gradient method in ``methods``: −I(i, i), i.e. g_iᵀ H⁻¹ g_i with that method's H (one fit, the
-    first seed of a stochastic method). A failing method records its error."""
+    first seed of a stochastic method). A failing method records its error; a method in ``skip_self``
+    ({method: reason}) is not run and its run carries ``info["skipped"]``."""
     runs: dict[str, MethodRun] = {}
+    for name, why in (skip_self or {}).items():
+        if name in methods:
+            runs[f"{name}_self"] = MethodRun(f"{name}_self", info={"skipped": why})
+    methods = [m for m in methods if m not in (skip_self or {})]
     if train_losses is not None:
         runs["train_loss"] = MethodRun("train_loss", scores=[train_losses.detach().cpu().double()], seconds=[0.0])
         runs["train_loss"].info["note"] = "loss of the final model under the (noisy) training label"

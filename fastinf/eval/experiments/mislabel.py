@@ -31,7 +31,6 @@ from ..report import (
     ROWS_NOTE,
     accuracy_text,
     answer_lines,
-    damping_section,
     lambda_text,
     paired_section,
     plot_auc_by_method,
@@ -39,6 +38,7 @@ from ..report import (
     plot_detection_curves,
     plot_time_vs_auc,
     section,
+    sweep_tables,
     write_report,
 )
 from ..runner import (
@@ -139,6 +139,8 @@ class MislabelSettings:
 
 # ------------------------------------------------------------------------------------ records
 def _record(run: MethodRun, flipped: np.ndarray, exact: torch.Tensor | None) -> dict[str, Any]:
+    if run.info.get("skipped"):
+        return {"auc": None, "skipped": run.info["skipped"]}
     if run.error or not run.scores:
         return {"auc": None, "error": run.error or "no scores"}
     aucs = [mislabel_auc(sc, flipped) for sc in run.scores]
@@ -318,9 +320,6 @@ def _one_seed(texts, labels, s: MislabelSettings, grad_methods, trace_methods, s
             extra = _extra_rows(gtr, gte, loss_tr, s, grad_methods, seed, progress)
             res.update({n: _record(r, flipped, exact) for n, r in extra.items()})
             scores.update(scores_for_report(extra))
-            res.update(
-                {f"{m}_self": {"auc": None, "skipped": _SELF_SKIP} for m in s.self_influence_skip if m in grad_methods}
-            )
         tables = None
         if s.checkpoint_methods:
             say(f"[seed {seed}] TracIn-CP and checkpoint ensembles: captures at {len(checkpoints)} checkpoints")
@@ -379,17 +378,18 @@ def _one_seed(texts, labels, s: MislabelSettings, grad_methods, trace_methods, s
     return {"methods": res, "meta": meta, "sweeps": part["sweeps"], "scores": scores, "flipped": flipped}
 
 
-_SELF_SKIP = "self-influence left out: one LiSSA recursion per training example (n × depth HVPs; > 5 min at n = 600)"
+_SELF_SKIP = "left out: one LiSSA recursion per training example (n × depth HVPs; > 5 min at n = 600)"
 
 
 def _extra_rows(gtr, gte, loss_tr, s: MislabelSettings, grad_methods, seed, progress) -> dict[str, MethodRun]:
     """Baselines (training loss, gradient norm, each method's self-influence) and the label-free λ rows."""
-    selfs = [m for m in grad_methods if m not in s.self_influence_skip]
-    runs = run_baselines(
-        gtr, loss_tr, selfs, seed=seed, damping=s.damping, lissa_depth=s.lissa_depth, progress=progress
-    )
-    runs.update(run_label_free(gtr, gte, [m for m in ("exact", "datainf") if m in grad_methods], progress=progress))
-    return runs
+    skip = {m: _SELF_SKIP for m in s.self_influence_skip}
+    opts = dict(seed=seed, damping=s.damping, lissa_depth=s.lissa_depth, skip_self=skip, progress=progress)
+    runs = run_baselines(gtr, loss_tr, grad_methods, **opts)
+    return {
+        **runs,
+        **run_label_free(gtr, gte, [m for m in ("exact", "datainf") if m in grad_methods], progress=progress),
+    }
 
 
 def synthetic_mislabel_experiment(
@@ -488,17 +488,6 @@ def mislabel_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]
     return headers, rows
 
 
-def _sweep_tables(sweeps: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    out = []
-    if sweeps.get("damping"):
-        out.append(("AUC vs damping multiplier (λ = multiplier × the 'auto' λ)", *damping_section(sweeps["damping"])))
-    if sweeps.get("rrinf_iterations"):
-        rows = [[f"{k:,} iterations", pm(*v)] for k, v in sweeps["rrinf_iterations"].items()]
-        rows.append(["rrinf_fixed_point (closed form)", f"{sweeps['rrinf_fixed_point']:.3f}"])
-        out.append(("RRInf iterations vs its fixed point", ["RRInf", "AUC"], rows))
-    return out
-
-
 def _plural(k: int, word: str) -> str:
     return f"{k} {word}" + ("" if k == 1 else "s")
 
@@ -548,7 +537,7 @@ def _finish(result: ExperimentResult, first: dict, out: Path | None) -> Experime
             f"Paired differences against {REFERENCE} over data seeds",
             text_table(*paired_section(vs_ref, row_label)),
         ]
-    for title, h, r in _sweep_tables(sweeps):
+    for title, h, r in sweep_tables(sweeps):
         text += ["", title + (" (first data seed)" if len(meta["seeds"]) > 1 else ""), text_table(h, r)]
     result.report_dir = out
     if out is not None:
@@ -597,7 +586,7 @@ def _finish(result: ExperimentResult, first: dict, out: Path | None) -> Experime
         ]
         if vs_ref:
             md += section(f"Paired differences against {REFERENCE} over data seeds", *paired_section(vs_ref, row_label))
-        for title, h, r in _sweep_tables(sweeps):
+        for title, h, r in sweep_tables(sweeps):
             md += section(title + (" (first data seed)" if k > 1 else ""), h, r)
         md += ["Plots: " + ", ".join(f"`{p}`" for p in plots) + "."]
         write_report(
