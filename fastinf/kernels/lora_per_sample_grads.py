@@ -175,7 +175,8 @@ def lora_per_sample_grads_triton(x, dy, A, B, scale=1.0, mask=None, *, u=None, r
     dout, r = B.shape
     cfg = dict(config or _config(x.dtype, r))
     bs, br = cfg.pop("BLOCK_S"), cfg.pop("BLOCK_R")
-    bd_x, bd_y = cfg.pop("BLOCK_D"), cfg.pop("BLOCK_D_DY", None) or cfg.get("BLOCK_D", 64)
+    bd_x = cfg.pop("BLOCK_D")
+    bd_y = cfg.pop("BLOCK_D_DY", None) or bd_x
     if br < r:
         raise ValueError(f"lora_per_sample_grads_triton: BLOCK_R={br} must be >= r={r}")
     prec = "tf32x3" if x.dtype == torch.float32 else "tf32"

@@ -115,6 +115,27 @@ def test_lora_per_sample_grads_shapes_checked():
         ops.lora_per_sample_grads(x, dy, torch.randn(2, 4), torch.randn(5, 2), 1.0, torch.ones(2, 4))
     gA, gB = ops.lora_per_sample_grads(x.bfloat16(), dy.bfloat16(), torch.randn(2, 4), torch.randn(5, 2))
     assert gA.dtype == torch.float32 and gA.shape == (2, 2, 4) and gB.shape == (2, 5, 2)
+    with pytest.raises(ValueError, match="u = A x must be"):
+        ops.lora_per_sample_grads(x, dy, torch.randn(2, 4), torch.randn(5, 2), u=torch.randn(2, 3, 3))
+
+
+def test_lora_per_sample_grads_hooked_u():
+    """u = A x passed in (the capture hook's lora_A output) is used as given: the same gradients as u=None, and
+    a different u changes gB (so the argument is not ignored)."""
+    g = torch.Generator().manual_seed(4)
+    x, dy = (
+        torch.randn(2, 6, 5, generator=g, dtype=torch.float64),
+        torch.randn(2, 6, 3, generator=g, dtype=torch.float64),
+    )
+    A, B = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    mask = torch.rand(2, 6, generator=g) > 0.3
+    want = ops.lora_per_sample_grads(x, dy, A, B, 0.5, mask)
+    got = ops.lora_per_sample_grads(x, dy, A, B, 0.5, mask, u=x @ A.T)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    other = ops.lora_per_sample_grads(x, dy, A, B, 0.5, mask, u=2 * (x @ A.T))
+    torch.testing.assert_close(other[1], 2 * want[1])
+    torch.testing.assert_close(other[0], want[0])  # gA does not depend on u
 
 
 @pytest.mark.skipif(not os.environ.get("FASTINF_REQUIRE_BACKENDS"), reason="FASTINF_REQUIRE_BACKENDS not set")
