@@ -63,6 +63,7 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:  # the repositor
 
 from bench import utils as bu  # noqa: E402
 from fastinf import ops  # noqa: E402
+from fastinf.kernels._common import lora_v_pieces  # noqa: E402
 from fastinf.testing import rel_err  # noqa: E402
 from fastinf.utils import text_table, time_fn  # noqa: E402
 
@@ -214,7 +215,9 @@ def _lora_model(p: dict, e: int, f32: bool) -> dict[str, tuple[float, float]]:
     for name, ty in lora_dy_tiles(r, f32).items():
         T = -(-dout // ty)
         rt = 1 if name == "triton" else -(-r // 64)  # CUDA tiles ranks over 64 on the grid (inputs re-read)
-        glue = 2 * U + M4 + 2 * T * N * S * r * 4 + 3 * V4 + 2 * U  # u_op; v pieces w+r; v, v·w; v_op w+r
+        # v: pieces from the dy pass (written and read), or (Triton, large r) a pass of its own re-reading dy
+        v_cost = 2 * T * N * S * r * 4 if name == "cuda" or lora_v_pieces(r, ty, e) else Y + V4
+        glue = 2 * U + M4 + v_cost + 3 * V4 + 2 * U  # u_op; v; v, v·w; v_op w+r
         out[f"kernel ({name})"] = (rt * (X + Y) + glue + OUT, useful)
     C = -(-S // 64)
     out["previous kernel"] = (2 * (X + Y) + 2 * N * C * r * (din + dout) * 4 + M4 + OUT, useful + 2.0 * N * S * r * din)

@@ -119,6 +119,13 @@ def lora_v_operand(vp: torch.Tensor, w: torch.Tensor | None, scale: float, dt: t
     return v_op.contiguous(), ev
 
 
+def lora_v_pieces(r: int, tile: int, esize: int) -> bool:
+    """Whether the dy pass should also write v = dy B as per-d_out-tile float32 pieces (r/tile · 8 bytes per dy
+    element, written and read) rather than leave v to a pass of its own (one more read of dy, ``esize`` bytes per
+    element): the cheaper of the two."""
+    return 8 * r < tile * esize
+
+
 def lora_splits(N: int, S: int, tiles: int, block_s: int, sms: int) -> tuple[int, int]:
     """(splits of S, rows per split) so that N · tiles · splits programs give about two waves on ``sms``
     multiprocessors. Each split is a multiple of ``block_s`` rows; the (N, splits, …) gradient partials are

@@ -8,8 +8,10 @@ v = dy B. Two launches, the same plan as ``csrc/lora_per_sample_grads.cu``:
 * ``_lora_dy_kernel``: one program per (example i, tile of ``BLOCK_D`` columns of d_out, split of S). It streams
   its dy tile over S once and forms both gB's tile (dyᵀ u_op, accumulated over S in registers) and the
   tile's piece of v = dy B (``BLOCK_S`` × r per step, written to a (N, ⌈d_out/BLOCK_D⌉, S, r) float32 buffer
-  that glue sums in a fixed order: r/BLOCK_D · 2 bytes per dy element, 1/4 of dy's bytes at r = 16 and
-  BLOCK_D = 128 … 1/16 at BLOCK_D = 512).
+  that glue sums in a fixed order: r/BLOCK_D · 8 bytes per dy element written and read, 1/4 of bf16 dy's
+  bytes at r = 16 and BLOCK_D = 256). Where that would cost more than reading dy again (8r ≥ BLOCK_D × element
+  size: r ≥ 64 in bf16), ``_lora_v_kernel`` computes v in a pass of its own instead
+  (:func:`fastinf.kernels._common.lora_v_pieces`).
 * ``_lora_x_kernel``: one program per (example i, tile of d_in, split of S) streams its x tile over S once and
   accumulates gA's tile = v_opᵀ x.
 
@@ -55,6 +57,7 @@ def _lora_dy_kernel(
     syd,
     sbo,
     sbr,
+    WRITE_V: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -87,11 +90,54 @@ def _lora_dy_kernel(
         )
         u = tl.load(u_base + offs_s[:, None] * r + offs_r[None, :], mask=s_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(y), u, acc, input_precision=PRECISION)  # gB tile += dyᵀ u_op
-        v = tl.dot(y, b.to(op_dtype), input_precision=PRECISION)  # this tile's piece of v = dy B
-        tl.store(vp_base + offs_s[:, None] * r + offs_r[None, :], v, mask=s_ok[:, None] & r_ok[None, :])
+        if WRITE_V:  # this tile's piece of v = dy B
+            v = tl.dot(y, b.to(op_dtype), input_precision=PRECISION)
+            tl.store(vp_base + offs_s[:, None] * r + offs_r[None, :], v, mask=s_ok[:, None] & r_ok[None, :])
     acc = acc * tl.load(EU + i)
     gb = GB + (i * n_splits + p) * dout * r
     tl.store(gb + offs_d[:, None] * r + offs_r[None, :], acc, mask=d_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_v_kernel(
+    DY,
+    B,
+    V,
+    S,
+    dout,
+    r,
+    syn,
+    sys_,
+    syd,
+    sbo,
+    sbr,
+    PRECISION: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """v = dy B (N, S, r) float32, one program per (example, BLOCK_S rows), all of d_out: the pass the dy
+    kernel leaves out when v's pieces would cost more than this extra read of dy (large r)."""
+    pid = tl.program_id(0)
+    n_sb = tl.cdiv(S, BLOCK_S)
+    i = (pid // n_sb).to(tl.int64)
+    offs_s = (pid % n_sb) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = offs_s < S
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < r
+    op_dtype = DY.dtype.element_ty
+    acc = tl.zeros((BLOCK_S, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, dout, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < dout
+        y = tl.load(
+            DY + i * syn + offs_s.to(tl.int64)[:, None] * sys_ + offs_d[None, :] * syd,
+            mask=s_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(B + offs_d[:, None] * sbo + offs_r[None, :] * sbr, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(y, b.to(op_dtype), acc, input_precision=PRECISION)
+    tl.store(V + i * S * r + offs_s[:, None] * r + offs_r[None, :], acc, mask=s_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -185,14 +231,20 @@ def lora_per_sample_grads_triton(x, dy, A, B, scale=1.0, mask=None, *, u=None, r
     t_y = triton.cdiv(dout, bd_y) if dout else 0
     p_y, per_y = _common.lora_splits(N, S, t_y, bs, sms)
     run_y = bool(N and S and r and dout)
-    alloc = torch.empty if run_y else torch.zeros  # the kernel writes every element it is launched for
+    pieces = _common.lora_v_pieces(r, bd_y, x.element_size())
+    alloc = torch.empty if run_y else torch.zeros  # the kernels write every element they are launched for
     pB = alloc(N, p_y, dout, r, dtype=torch.float32, device=dev)
-    vp = alloc(N, max(t_y, 1), S, r, dtype=torch.float32, device=dev)
+    vp = alloc(N, max(t_y, 1) if pieces else 1, S, r, dtype=torch.float32, device=dev)
     if run_y:
         _lora_dy_kernel[(N * t_y * p_y,)](
             dy, u_op, B, pB, vp, eu, S, dout, r, t_y, p_y, per_y, *dy.stride(), *B.stride(),
-            PRECISION=prec, BLOCK_S=bs, BLOCK_R=br, BLOCK_D=bd_y, **cfg,
+            WRITE_V=pieces, PRECISION=prec, BLOCK_S=bs, BLOCK_R=br, BLOCK_D=bd_y, **cfg,
         )  # fmt: skip
+        if not pieces:
+            _lora_v_kernel[(N * triton.cdiv(S, bs),)](
+                dy, B, vp, S, dout, r, *dy.stride(), *B.stride(),
+                PRECISION=prec, BLOCK_S=bs, BLOCK_R=br, BLOCK_D=bd_x, **cfg,
+            )  # fmt: skip
     v_op, ev = _common.lora_v_operand(vp, w, scale, x.dtype)
     t_x = triton.cdiv(din, bd_x) if din else 0
     p_x, per_x = _common.lora_splits(N, S, t_x, bs, sms)

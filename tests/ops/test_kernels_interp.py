@@ -89,6 +89,25 @@ def test_lora_per_sample_grads_triton_strided_inputs():
     assert max(_rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5
 
 
+@interp
+@pytest.mark.interp
+def test_lora_per_sample_grads_triton_v_pieces_and_v_pass():
+    """Both ways of forming v = dy B (pieces from the dy pass, or a pass of its own for large r) give the
+    reference's gradients; which one runs follows lora_v_pieces."""
+    from fastinf.kernels import _common
+    from fastinf.kernels.lora_per_sample_grads import lora_per_sample_grads_triton
+
+    g = _gen(9)
+    x, dy = torch.randn(2, 21, 40, generator=g), torch.randn(2, 21, 70, generator=g)
+    A, B = torch.randn(8, 40, generator=g), torch.randn(70, 8, generator=g)
+    ref = ops.lora_per_sample_grads_reference(x, dy, A, B, 1.5)
+    base = {"BLOCK_S": 16, "BLOCK_R": 16, "BLOCK_D": 16, "num_warps": 1, "num_stages": 1}
+    for bdy, pieces in ((16, False), (64, True)):
+        assert _common.lora_v_pieces(8, bdy, 4) is pieces
+        got = lora_per_sample_grads_triton(x, dy, A, B, 1.5, config={**base, "BLOCK_D_DY": bdy})
+        assert max(_rel(a, b) for a, b in zip(got, ref, strict=True)) < 1e-5, bdy
+
+
 # ----------------------------------------------------------------------------------------- DataInf
 DATAINF_CASES = [
     # n, d, m, dtype, chunk_size, sq_norms
