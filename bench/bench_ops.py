@@ -203,7 +203,7 @@ def lora_dy_tiles(r: int, f32: bool) -> dict[str, int]:
     return {"triton": max(16, min(256, 8192 // R)), "cuda": 64 if f32 else 128}
 
 
-DATAINF_BM = 64  # the kernels' m tile for m <= 64 (128 above): m is padded to it
+DATAINF_BM = {"triton": (16, 64, 128), "cuda": (64, 64, 128)}  # m tile for m <= 16, m <= 64, above: m is padded
 
 
 def _lora_model(p: dict, e: int, f32: bool) -> dict[str, tuple[float, float]]:
@@ -233,12 +233,14 @@ def _datainf_model(p: dict, e: int, f32: bool) -> dict[str, tuple[float, float]]
     n, d, m = p["n"], p["d"], p["m"]
     G, T, H, P = n * d * e, m * d * e, m * d * 4, m * n * 4
     useful = 4.0 * n * d * m
-    bm = DATAINF_BM if m <= 64 else 128
-    mp = -(-m // bm) * bm
     k1 = 3 if f32 else 1  # pass 1: 3xTF32 for float32 inputs
     k2 = 3 if f32 else 2  # pass 2: hi + lo (16-bit) or 3xTF32
     out = {"min": (G + T + H, useful)}
-    out["kernel"] = (2 * G + 2 * T + H + 4 * P, 2.0 * n * d * mp * (k1 + k2))
+    for name, (small, mid, big) in DATAINF_BM.items():
+        bm = small if m <= 16 else (mid if m <= 64 else big)
+        mp = -(-m // bm) * bm
+        out[f"kernel ({name})"] = (2 * G + 2 * T + H + 4 * P, 2.0 * n * d * mp * (k1 + k2))
+    mp = -(-m // 64) * 64 if m <= 64 else -(-m // 128) * 128
     out["previous kernel"] = (2 * G + 2 * T + H + 2 * P, 2.0 * n * d * mp * (k1 + (3 if f32 else 1)))
     # unfused: P (G + T + m n e), nsq (G), C (m n), C G (G + m n e + m d e), H = (T − CG)/λ (elementwise)
     out[UNFUSED] = (3 * G + 2 * T + 3 * m * n * e + 3 * m * d * e + 2 * H, useful)
@@ -470,7 +472,7 @@ def measure_case(case, dt, dev, backends, ceil, rows, args) -> None:
     for line in model_lines(case, dt):
         print(line, flush=True)
     plan_of = {"torch": "torch reference", UNFUSED: UNFUSED, "triton": "kernel (triton)", "cuda": "kernel (cuda)"}
-    if case.op != "lora_per_sample_grads":
+    if case.op not in ("lora_per_sample_grads", "datainf_inverse_sum"):
         plan_of["triton"] = plan_of["cuda"] = "kernel"
     base_name = UNFUSED if case.unfused is not None else "torch"
     try:  # the reference's output, untimed: every row's max_rel_err is against it

@@ -159,10 +159,13 @@ def _configs(dtype: torch.dtype, m: int):
     if _common.interpreting():
         one = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
         return one, {"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
-    bm = 64 if m <= 64 else 128
+    # small m (GEMV-shaped, bandwidth-bound): a 16-row m tile, so m = 1 does 16x (not 64x) the useful
+    # tensor-core work, which is still far below the time G's bytes take
+    bm = 16 if m <= 16 else (64 if m <= 64 else 128)
     bk = 32 if dtype == torch.float32 else 64
-    coef = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": bk, "num_warps": 4 if bm == 64 else 8, "num_stages": 3}
-    apply = {"BLOCK_M": bm, "BLOCK_D": 128, "BLOCK_K": bk, "num_warps": 4 if bm == 64 else 8, "num_stages": 3}
+    warps = 8 if bm == 128 else 4
+    coef = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3}
+    apply = {"BLOCK_M": bm, "BLOCK_D": 128, "BLOCK_K": bk, "num_warps": warps, "num_stages": 3}
     return coef, apply
 
 

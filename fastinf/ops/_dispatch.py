@@ -103,9 +103,9 @@ DISPATCH_TABLE: dict[str, OpEntry] = {
             Backend("torch", "fastinf.ops.datainf_inverse_sum", "datainf_inverse_sum_reference"),
         ),
         (
-            # the small-m path: the tensor-core kernels pad m to 64-row tiles (at m = 1, ~192x the useful flops of
-            # two bandwidth-bound GEMVs: bench/bench_ops.py traffic model), so m <= 8 stays on the reference's
-            # GEMVs even after the kernels are measured for large m
+            # the small-m class (GEMV-shaped, bandwidth-bound): the CUDA kernel pads m to 64-row tiles (96x the
+            # useful flops at m = 1), the Triton kernel to 16-row tiles (24x; both 2.0x the minimum bytes against
+            # the reference's 9.0x: bench/bench_ops.py traffic model), so this class gets its own measured order
             Route("m <= 8", _REF, when="fastinf.ops.datainf_inverse_sum:small_m", why="GEMV-shaped: " + _UNMEASURED),
             Route("m > 8", _REF, why=_UNMEASURED),
         ),
