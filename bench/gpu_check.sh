@@ -8,7 +8,7 @@
 # Runs with the machine's system python3 (torch 2.11 + CUDA 13.0, triton 3.6; no venv, no internet, no
 # diffusers): the checkout is used through PYTHONPATH, nothing is installed. Every stage has a time limit; the
 # limits add up to 455 s with their kill grace (ENV 10 + BUILD 140 + TEST 120 + BENCH 160 + SUMMARY 10, plus
-# 3 s each), under the 480 s of the call. Everything goes to $OUT (else bench/results/gpu_check/) as it is
+# 3 s each), 470 s with the arch probe (at most 15 s), under the 480 s of the call. Everything goes to $OUT (else bench/results/gpu_check/) as it is
 # produced (tee, unbuffered python, the CSV row by row), at most 8 files (what the device tool brings back):
 #   env.txt        GPU, driver, versions, the arch the build targets, whether pytest-xdist is there
 #   build.log      the JIT build of csrc/ (torch.utils.cpp_extension + ninja), with its time
@@ -39,7 +39,7 @@ status=0
 
 # the arch to build for: this GPU's only (a build for every arch torch knows would not fit the budget)
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  cap=$(timeout 20 "$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+  cap=$(timeout 15 "$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
   [ -n "$cap" ] && export TORCH_CUDA_ARCH_LIST="$cap"
 fi
 if "$PY" -c "import xdist" 2>/dev/null; then XDIST=1; else XDIST=0; fi
@@ -66,7 +66,7 @@ common=(-q -rs -p no:cacheprovider --durations=10 --junitxml="$OUT_DIR/junit.xml
         -k "not test_cu_compiles and not test_compile_check_catches_errors")
 export FASTINF_REQUIRE_BACKENDS="${FASTINF_REQUIRE_BACKENDS:-cuda,triton}"
 if [ "$XDIST" = 1 ]; then
-  exec "$PY" -m pytest "${common[@]}" -n "${TEST_WORKERS:-8}" tests/ops
+  exec "$PY" -m pytest "${common[@]}" -n "${TEST_WORKERS:-12}" tests/ops
 fi
 echo "# pytest-xdist is not installed: running serially, the GPU tier first"
 exec "$PY" -m pytest "${common[@]}" tests/ops/test_gpu.py tests/ops/test_trace_cov_gpu.py tests/ops/test_numerics.py \
