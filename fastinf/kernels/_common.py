@@ -3,8 +3,10 @@
 The Triton (``fastinf.kernels``) and CUDA (``fastinf._ext.ops``) implementations share the orchestration
 around their kernels, so that both compute exactly the same function: input checks that decide whether a
 kernel can take the inputs (``supports_*``: the dispatch table in ``fastinf.ops._dispatch`` names them;
-``auto`` then moves on to the next backend), dtype unification, DataInf's two passes over row chunks of G,
-the final sums of LoRA chunk partials, and the chunked top-k merge of ``trace_cov_topk``. The PyTorch
+``auto`` then moves on to the next backend), dtype unification, DataInf's two passes over row chunks of G
+(with the per-row power-of-two scale of C and the 1/(n λ) epilogue factors), LoRA's operands (u and v scaled per
+example by a power of two before rounding, the sum of v's pieces, the split of S that fills the GPU, the final
+sums of split partials), and the chunked top-k merge of ``trace_cov_topk``. The PyTorch
 references in ``fastinf.ops`` use the shape checks and the top-k merge from here too, so that a kernel
 called directly raises the reference's errors. Plus the launch-time facts every Triton launcher asks:
 :func:`interpreting`, :func:`sm_count`, :func:`interp_upcast`.
