@@ -137,6 +137,12 @@ def answer_lines(
             f"{', …' if len(tied) > 5 else ''}): those are statistical ties at {k} seeds. It is ahead beyond "
             f"noise of {len(worse)} methods."
         )
+        cheap = min([best, *tied], key=lambda m: ok[m]["seconds"])
+        if cheap != best:
+            lines.append(
+                f"The cheapest method tied with it is {label(cheap)} ({metric} {ok[cheap]['auc']:.3f}, "
+                f"{ok[cheap]['seconds']:.2f} s)."
+            )
     else:
         lines.append(f"How sure: {label(best)} is ahead of every other method beyond seed noise ({k} seeds).")
     ref, vs_ref = paired.get("reference"), paired.get("vs_reference", {})

@@ -163,8 +163,8 @@ def class_damping_sweep(gtr, gte, ytr, yte, settings: Any, methods: Sequence[str
 
 #: why the test-free rankings have no class-detection AUC
 NO_TEST_DEPENDENCE = (
-    "n/a: no test dependence — one ranking of the training examples serves every test point, so the per-test "
-    "AUC averages to 0.5 by construction with balanced classes"
+    "n/a: no test dependence (one ranking serves every test point: the per-test AUC averages to 0.5 with "
+    "balanced classes)"
 )
 
 
@@ -433,7 +433,7 @@ def finish_report(result: ExperimentResult, out: Path | None) -> ExperimentResul
             "'(label-free λ)': the method at the λ the damping rule picks from the training gradients alone; "
             "tracin_cp = −Σ_t η_t ⟨g_t(i), g_t(j)⟩ over the checkpoints; '(checkpoint ensemble)': the mean of the "
             "method's scores over the checkpoints after the initial one. The test-free baselines (training loss, "
-            "gradient norm, self-influence) are n/a here: " + NO_TEST_DEPENDENCE[5:] + ".",
+            "gradient norm, self-influence) are " + NO_TEST_DEPENDENCE + ".",
             "",
             *section(None, headers, rows),
         ]
