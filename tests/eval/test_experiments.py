@@ -132,7 +132,9 @@ def test_mislabel_experiment_end_to_end_tiny_bert(tmp_path):
         progress=False,
         log=None,
     )
-    assert dataclasses.asdict(s) == before and s.n_train == 600, "the caller's settings were modified"
+    assert dataclasses.asdict(s) == before and s.n_train == MislabelSettings().n_train, (
+        "the caller's settings were modified"
+    )
     assert _exp_dirs() == dirs_before, "the experiment left a temporary directory behind"
     assert not failed_methods(res), failed_methods(res)
     baselines = {"train_loss", "grad_norm", "exact_self", "datainf_self", "exact_label_free", "datainf_label_free"}
