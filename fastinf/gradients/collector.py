@@ -319,6 +319,7 @@ class LoRAGradientCollector:
                         kf.accumulate(sums, site.names["bias"], kf.block_sums(None, dr, xr.shape[0], dd=part["dd"]))
                 continue
             a, b = site.a, site.b
+            u = None  # lora_A's output A·x, recorded by _hook_a: the kernel reuses it instead of recomputing it
             if isinstance(a, nn.Conv2d):
                 x4 = r["x"]
                 xu = F.unfold(x4, a.kernel_size, dilation=a.dilation, padding=a.padding, stride=a.stride)
@@ -330,7 +331,9 @@ class LoRAGradientCollector:
                 x = self._rows(r["x"], N, "LoRA input")
                 d = self._rows(dy, N, "LoRA output gradient")
                 A, B = a.weight, b.weight
-            gA, gB = lora_per_sample_grads(x, d, A.detach(), B.detach(), 1.0)
+                if "u" in r:  # absent for a standalone lora_B
+                    u = self._rows(r["u"], N, "LoRA intermediate")
+            gA, gB = lora_per_sample_grads(x, d, A.detach(), B.detach(), 1.0, u=u)
             add("A", gA)
             add("B", gB)
             if "B_bias" in site.names:
