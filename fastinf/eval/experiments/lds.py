@@ -39,7 +39,7 @@ from ...gradients import LoRAGradientCollector
 from ...traces import loss_table
 from ...utils import atomic_write, git_commit, loadavg, pm, text_table, timed, version_string, write_json
 from .. import hf
-from ..metrics import bootstrap_ci, lds, mislabel_auc
+from ..metrics import agreement, bootstrap_ci, lds, mislabel_auc
 from ..report import damping_section, plot_auc_vs_damping, section, write_report
 from ..runner import damping_sweep, run_gradient_methods, split_methods
 from .common import ExperimentResult, prepare_report_dir, settings_dict
@@ -441,6 +441,10 @@ def lds_experiment(
         "load": loadavg(),
     }
     result.meta["reference"] = _paired(result, L)
+    scored = [r for r in result.values() if r.get("lds") is not None]
+    if len(scored) >= 3:  # do LDS and the mislabel AUC of the same scores rank the rows alike?
+        ag = agreement([r["lds"] for r in scored], [r["auc"] for r in scored])
+        result.meta["lds_vs_auc"] = {"spearman": ag["spearman"], "rows": len(scored)}
     result.sweeps = sweeps
     result.data = {"subsets": masks, "test_losses": losses}
     return _finish(result, masks, losses, out)
@@ -530,6 +534,9 @@ def _finish(result: ExperimentResult, masks: np.ndarray, losses: np.ndarray, out
         "subsets). The paired column is the reference row's per-test LDS minus the method's (positive: the reference "
         "ranks above). mislabel AUC: the same scores averaged over test examples, on the same model."
     )
+    if meta.get("lds_vs_auc"):
+        c = meta["lds_vs_auc"]
+        explain += f" Spearman correlation of LDS and mislabel AUC over the {c['rows']} rows: {c['spearman']:.2f}."
     text = [text_table(headers, rows), "", _intro(meta)]
     sweep_rows = damping_section(sweeps["damping"]) if sweeps.get("damping") else None
     if sweep_rows:
