@@ -44,7 +44,23 @@ from fastinf.eval.experiments.mislabel import MislabelSettings  # noqa: E402
 from fastinf.eval.metrics import agreement, mislabel_auc  # noqa: E402
 from fastinf.eval.runner import run_gradient_methods  # noqa: E402
 
-KRON_STRATEGIES = (("ekfac", False), ("ekfac", True), ("kfac", False), ("identity", False))
+# (strategy, empirical Fisher, scorings: (label suffix, kronfluence damping_factor)); kronfluence's default λ is
+# an absolute 1e-8; None is its heuristic 0.1 × mean eigenvalue (fastinf's damping="auto" for kfac / ekfac)
+KRON_STRATEGIES = (
+    ("ekfac", False, (("", 1e-8), (" (0.1×mean λ)", None))),
+    ("ekfac", True, (("", 1e-8),)),
+    ("kfac", False, (("", 1e-8),)),
+    ("identity", False, (("", 1e-8),)),
+)
+KRON_LAMBDA = 1e-8
+# fastinf rows compared with the kronfluence strategy of the same curvature and damping
+SAME = {
+    "hessian_free": ["identity"],
+    "kfac": ["kfac"],
+    "ekfac": ["ekfac (0.1×mean λ)"],
+    "kfac (λ=1e-8)": ["kfac"],
+    "ekfac (λ=1e-8)": ["ekfac (empirical)", "ekfac"],
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,8 +162,9 @@ def kron_task(modules: list[str]):
     return ClassificationTask()
 
 
-def kron_run(net, tok, train_ds, test_ds, modules, strategy, empirical, work, batch_size):
-    """(fit seconds, score seconds, fastinf-signed mean-test scores (n,)) of one kronfluence strategy."""
+def kron_run(net, tok, train_ds, test_ds, modules, strategy, empirical, scorings, work, batch_size):
+    """(fit seconds, {label suffix: (score seconds, fastinf-signed mean-test scores (n,))}) of one
+    kronfluence strategy, scored once per damping in ``scorings``."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
@@ -164,21 +181,25 @@ def kron_run(net, tok, train_ds, test_ds, modules, strategy, empirical, work, ba
         factors_name=name, dataset=train_ds, per_device_batch_size=batch_size, factor_args=fa, overwrite_output_dir=True
     )
     fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    scores = an.compute_pairwise_scores(
-        scores_name=name,
-        factors_name=name,
-        query_dataset=test_ds,
-        train_dataset=train_ds,
-        per_device_query_batch_size=len(test_ds),
-        per_device_train_batch_size=batch_size,
-        score_args=ScoreArguments(),
-        overwrite_output_dir=True,
-    )
-    score_s = time.perf_counter() - t0
-    if scores is None:  # kronfluence 1.0.1 returns None after computing; the scores are on disk
-        scores = an.load_pairwise_scores(scores_name=name)
-    return fit_s, score_s, -scores["all_modules"].double().mean(0)  # kronfluence: positive = helpful
+    out = {}
+    for i, (suffix, damping) in enumerate(scorings):
+        t0 = time.perf_counter()
+        sname = f"{name}_{i}"
+        scores = an.compute_pairwise_scores(
+            scores_name=sname,
+            factors_name=name,
+            query_dataset=test_ds,
+            train_dataset=train_ds,
+            per_device_query_batch_size=len(test_ds),
+            per_device_train_batch_size=batch_size,
+            score_args=ScoreArguments(damping_factor=damping),
+            overwrite_output_dir=True,
+        )
+        score_s = time.perf_counter() - t0
+        if scores is None:  # kronfluence 1.0.1 returns None after computing; the scores are on disk
+            scores = an.load_pairwise_scores(scores_name=sname)
+        out[suffix] = (score_s, -scores["all_modules"].double().mean(0))  # kronfluence: positive = helpful
+    return fit_s, out
 
 
 def tracked_modules(col: fastinf.LoRAGradientCollector) -> list[str]:
@@ -228,25 +249,33 @@ def run(a: argparse.Namespace) -> int:
             rows.add(op="fit+score(mean)", backend="fastinf", method=name, shape=shape, note=f"error: {r.error}")
             continue
         fast[name] = r.scores[0]
-    kr: dict[str, tuple[float, float, torch.Tensor]] = {}
+    extra = {}  # K-FAC / EK-FAC at kronfluence's default damping (an absolute 1e-8), beside damping="auto"
+    for name in ("kfac", "ekfac"):
+        if name in methods:
+            t0 = time.perf_counter()
+            sc = fastinf.get_estimator(name, damping=KRON_LAMBDA).fit(gtr).score(gte, reduce="mean")
+            extra[f"{name} (λ=1e-8)"] = (time.perf_counter() - t0, sc.double())
+    kr: dict[str, tuple[float, float, torch.Tensor]] = {}  # label -> (fit s, score s, scores)
     if kron is not None:
         modules = tracked_modules(col)
         print(f"kronfluence {kron.__version__}: {len(modules)} modules", flush=True)
         with tempfile.TemporaryDirectory(prefix="fastinf-bench-kron-") as work:
-            for strategy, emp in KRON_STRATEGIES:
+            for strategy, emp, scorings in KRON_STRATEGIES:
                 label = f"{strategy}{' (empirical)' if emp else ''}"
-                kr[label] = kron_run(net, tok, train_ds, test_ds, modules, strategy, emp, work, s.batch_size)
+                fit_s, outs = kron_run(
+                    net, tok, train_ds, test_ds, modules, strategy, emp, scorings, work, s.batch_size
+                )
+                for suffix, (score_s, sc) in outs.items():
+                    kr[label + suffix] = (fit_s, score_s, sc)
     ref = kr.get("ekfac", (None, None, None))[2]
-    same = {"ekfac": "ekfac (empirical)", "kfac": "kfac", "hessian_free": "identity"}
 
-    def notes(scores: torch.Tensor, own: str | None) -> str:
+    def notes(scores: torch.Tensor, own: list[str]) -> str:
         out = [f"mislabel_auc={mislabel_auc(scores, flipped):.4f}"]
         if ref is not None:
             out.append(f"spearman_vs_kron_ekfac={agreement(scores, ref)['spearman']:.4f}")
-        if own is not None and own in kr:
-            out.append(
-                f"spearman_vs_kron_{own.replace(' ', '_').strip('()')}={agreement(scores, kr[own][2])['spearman']:.4f}"
-            )
+        for o in own:
+            if o in kr and o != "ekfac":
+                out.append(f"spearman_vs_kron_{o.replace(' ', '_')}={agreement(scores, kr[o][2])['spearman']:.4f}")
         return "; ".join(out)
 
     total = cap_s
@@ -260,17 +289,27 @@ def run(a: argparse.Namespace) -> int:
                 method=name,
                 shape=shape,
                 median_s=r.seconds[0],
-                note=notes(fast[name], same.get(name)) + (f"; lambda={lam}" if isinstance(lam, float) else ""),
+                note=notes(fast[name], SAME.get(name, [])) + (f"; lambda={lam}" if isinstance(lam, float) else ""),
             )
+    for label, (sec, sc) in extra.items():
+        rows.add(
+            op="fit+score(mean)",
+            backend="fastinf",
+            method=label,
+            shape=shape,
+            median_s=sec,
+            note=notes(sc, SAME[label]),
+        )
     for label, (fit_s, score_s, sc) in kr.items():
-        rows.add(op="fit_factors", backend="kronfluence", method=label, shape=shape, median_s=fit_s)
+        if "λ)" not in label:  # a second scoring of the same factors: fitted once
+            rows.add(op="fit_factors", backend="kronfluence", method=label, shape=shape, median_s=fit_s)
         rows.add(
             op="score(pairwise)",
             backend="kronfluence",
             method=label,
             shape=shape,
             median_s=score_s,
-            note=notes(sc, None),
+            note=notes(sc, []),
         )
     base = kr.get("ekfac")
     rows.add(
