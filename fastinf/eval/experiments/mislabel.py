@@ -642,10 +642,6 @@ def mislabel_demo(
     """
     if methods is not None and "exact" not in methods:
         methods = ["exact", *methods]
-    skipped = {}
-    if methods is None and not bif:
-        methods = [m for m in split_methods(None)[0] + split_methods(None)[1] if m != "bif"]
-        skipped["bif"] = BIF_OPT_IN
     k = data_seeds if data_seeds is not None else (1 if quick or synthetic else 3)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"data_seeds must be a positive int, got {data_seeds!r}")
@@ -669,6 +665,10 @@ def mislabel_demo(
         )
     from ...data import rotten_tomatoes
 
+    skipped = {}
+    if methods is None and not bif:
+        methods = [m for m in split_methods(None)[0] + split_methods(None)[1] if m != "bif"]
+        skipped["bif"] = BIF_OPT_IN
     s = MislabelSettings.quick(**overrides) if quick else MislabelSettings(**overrides)
     s = dataclasses.replace(s, n_train=n_train or s.n_train, n_test=n_test or s.n_test)
     if round(s.flip * s.n_train) < 1:
