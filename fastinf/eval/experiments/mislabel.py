@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...utils import pm, text_table, timed
+from ...utils import loadavg, pm, text_table, timed
 from .. import hf
 from ..checkpoint_influence import checkpoint_influence, collect_with_losses
 from ..metrics import agreement, detection_curve, mislabel_auc
@@ -254,7 +254,7 @@ def mislabel_experiment(
         for m, why in (skipped or {}).items():
             p["methods"].setdefault(m, {"auc": None, "skipped": why})
     result = aggregate_seeds(per_seed, row_order(per_seed))
-    result.meta = seed_meta(per_seed, list(seeds))
+    result.meta = {**seed_meta(per_seed, list(seeds)), "load": loadavg()}
     result.sweeps = per_seed[0]["sweeps"]
     result.paired = paired_over_seeds(result, REFERENCE)
     return _finish(result, per_seed[0], out)
@@ -491,21 +491,21 @@ def mislabel_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]
     return headers, rows
 
 
-def _plural(k: int, word: str) -> str:
-    return f"{k} {word}" + ("" if k == 1 else "s")
-
-
 def _intro(meta: dict) -> str:
     s = meta["settings"]
     seeds = meta["seeds"]
     return (
         f"Model: {meta.get('model')}; {meta.get('training')}. Training examples: {meta['n_train']} "
-        f"({_plural(meta['flipped'], 'label')} flipped), test examples: {meta['n_test']}. Test accuracy "
+        f"({meta['flipped']} label{'' if meta['flipped'] == 1 else 's'} flipped), test examples: {meta['n_test']}. Test accuracy "
         f"{accuracy_text(meta)}. Gradient dimension D = {meta['D']} in {meta['blocks']} blocks. "
         f"Checkpoints (Z0-Inf, TracIn-CP, ensembles): {meta.get('checkpoints', '—')}. Data seeds: {seeds} "
         f"(each its own train/test split, flip set, LoRA init and training order). Damping: {s['damping']!r}; "
         f"LiSSA depth {s['lissa_depth']}."
-        + (f" Wall time {meta['total_seconds_all_seeds']:.0f} s." if meta.get("total_seconds_all_seeds") else "")
+        + (
+            f" Wall time {meta['total_seconds_all_seeds']:.0f} s ({meta.get('load', '')} at the end)."
+            if meta.get("total_seconds_all_seeds")
+            else ""
+        )
     )
 
 
