@@ -496,7 +496,8 @@ def _intro(meta: dict) -> str:
     seeds = meta["seeds"]
     return (
         f"Model: {meta.get('model')}; {meta.get('training')}. Training examples: {meta['n_train']} "
-        f"({meta['flipped']} label{'' if meta['flipped'] == 1 else 's'} flipped), test examples: {meta['n_test']}. Test accuracy "
+        f"({meta['flipped']} label{'' if meta['flipped'] == 1 else 's'} flipped), test examples: {meta['n_test']}. "
+        f"Test accuracy "
         f"{accuracy_text(meta)}. Gradient dimension D = {meta['D']} in {meta['blocks']} blocks. "
         f"Checkpoints (Z0-Inf, TracIn-CP, ensembles): {meta.get('checkpoints', '—')}. Data seeds: {seeds} "
         f"(each its own train/test split, flip set, LoRA init and training order). Damping: {s['damping']!r}; "
