@@ -355,7 +355,7 @@ def _one_seed(texts, labels, s: MislabelSettings, grad_methods, trace_methods, s
                 progress=progress,
             )
             res["z0inf"], res["z0inf_self"] = _record(z, flipped, exact), _record(z_self, flipped, exact)
-            scores.update(scores_for_report({"z0inf": z}))
+            scores.update(scores_for_report({"z0inf": z, "z0inf_self": z_self}))
         meta["checkpoints"] = len(checkpoints)
         if "bif" in trace_methods:
             say(f"[seed {seed}] BIF: {s.bif_chains} SGLD chains × {s.bif_draws} draws")
