@@ -265,3 +265,22 @@ def test_cli_eval_lds_passes_its_options_and_refuses_the_other_tasks(capsys, mon
         assert cli.main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and needle in err, err
+
+
+@needs_hf
+def test_saving_checkpoints_does_not_change_the_trained_model():
+    """The cache key leaves out checkpoints_per_epoch: the callback's saves must not touch training."""
+    import torch
+
+    from fastinf.eval import MislabelSettings
+    from fastinf.eval.experiments import lds as L
+
+    texts, labels = words_and_labels(24, seed=1)
+    assert "checkpoints_per_epoch" not in L.RECIPE_FIELDS
+    nets = []
+    for every in (1, 3):
+        s = MislabelSettings(n_train=20, n_test=4, epochs=2, batch_size=4, max_length=16, checkpoints_per_epoch=every)
+        nets.append(L._adapter(L._train(tiny_bert, texts, labels, s, seed=7)[1]))
+    assert nets[0].keys() == nets[1].keys()
+    for k in nets[0]:
+        assert torch.equal(nets[0][k], nets[1][k]), k

@@ -47,19 +47,9 @@ from .mislabel import MislabelSettings
 
 __all__ = ["LDSSettings", "RetrainCache", "lds_demo", "lds_experiment"]
 
-#: MislabelSettings fields that decide the task and the trained models (the cache key).
-RECIPE_FIELDS = (
-    "n_train",
-    "n_test",
-    "flip",
-    "epochs",
-    "batch_size",
-    "max_length",
-    "lora_r",
-    "lr_lora",
-    "lr_head",
-    "checkpoints_per_epoch",
-)
+#: MislabelSettings fields that decide the task and the trained models (the cache key); not
+#: checkpoints_per_epoch, which only decides which adapters the callback saves along the way.
+RECIPE_FIELDS = ("n_train", "n_test", "flip", "epochs", "batch_size", "max_length", "lora_r", "lr_lora", "lr_head")
 GCV_ROW = "exact (GCV λ)"
 LABEL_FREE_ROWS = ("exact (label-free λ)", "datainf (label-free λ)")
 FACTOR_METHODS = ("kfac", "ekfac")  # capture with factors=True when one of these is scored
