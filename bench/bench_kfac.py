@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory holding kronfluence and its pure-python deps (put on sys.path for this run only)",
     )
     ap.add_argument("--no-kron", action="store_true", help="fastinf only")
+    ap.add_argument("--n-train", type=int, default=None, help="training examples (default: the demo's)")
+    ap.add_argument("--n-test", type=int, default=None, help="test examples (default: the demo's)")
     ap.add_argument("--methods", default=None, help="comma-separated fastinf methods (default: every gradient one)")
     bu.add_output_args(ap, "bench_kfac", quick_help="n_train = 160, n_test = 40, 3 epochs (a few minutes)")
     return ap
@@ -215,7 +217,8 @@ def tracked_modules(col: fastinf.LoRAGradientCollector) -> list[str]:
 # ------------------------------------------------------------------------------------ the run
 def run(a: argparse.Namespace) -> int:
     bu.set_torch_threads()
-    s = MislabelSettings.quick() if a.quick else MislabelSettings()
+    sizes = {k: v for k, v in (("n_train", a.n_train), ("n_test", a.n_test)) if v is not None}
+    s = MislabelSettings.quick(**sizes) if a.quick else MislabelSettings(**sizes)
     kron = None if a.no_kron else import_kronfluence(a.kron)
     tok, net, train_ds, test_ds, flipped = train_demo(s, a.seed)
     shape = f"n={s.n_train} m={s.n_test} seed={a.seed}"
