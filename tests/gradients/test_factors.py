@@ -4,15 +4,16 @@ merged by a distributed capture."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("peft")
 pytest.importorskip("safetensors")
 
 import fastinf  # noqa: E402
 from fastinf import distributed  # noqa: E402
-from fastinf.gradients.losses import causal_lm_loss, sequence_classification_loss  # noqa: E402
+from fastinf.gradients.losses import DenoisingLoss, causal_lm_loss, sequence_classification_loss  # noqa: E402
 from fastinf.gradients.store import GradientStore, StoreError  # noqa: E402
-from fastinf.testing import run_distributed, tiny_lora_llama, tiny_lora_roberta  # noqa: E402
+from fastinf.testing import lora_config, run_distributed, tiny_lora_llama, tiny_lora_roberta, tiny_unet2d  # noqa: E402
 
 
 def _pad(examples, side):
@@ -55,7 +56,11 @@ def loop_factors(model, loss_fn, singles, names):
             m = mods[mname]
 
             def hook(mod, inp, out, mname=mname, seen=seen):
-                seen[mname] = {"x": inp[0].detach().reshape(-1, inp[0].shape[-1]), "y": out}
+                x = inp[0].detach()
+                if isinstance(mod, torch.nn.Conv2d):  # one row per output position: the unfolded patch
+                    x = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+                    x = x.transpose(1, 2)
+                seen[mname] = {"x": x.reshape(-1, x.shape[-1]), "y": out}
 
             hooks.append(m.register_forward_hook(hook))
         try:
@@ -65,13 +70,18 @@ def loop_factors(model, loss_fn, singles, names):
         finally:
             for h in hooks:
                 h.remove()
-        dy = {m: g.reshape(-1, g.shape[-1]) for m, g in zip(seen, dys, strict=True)}
+        dy = {
+            m: (g.flatten(2).transpose(1, 2) if g.dim() == 4 else g).reshape(
+                -1, g.shape[1] if g.dim() == 4 else g.shape[-1]
+            )
+            for m, g in zip(seen, dys, strict=True)
+        }
         for k in names:
             mname, role = k.rsplit(".", 1)
             if ".lora_A." in mname:
                 bname = mname.replace(".lora_A.", ".lora_B.")
                 x = seen[mname]["x"]
-                delta = dy[bname] @ mods[bname].weight.detach()
+                delta = dy[bname] @ mods[bname].weight.detach().reshape(dy[bname].shape[1], -1)
             else:
                 x = seen[mname]["x"] if role == "weight" else torch.ones(dy[mname].shape[0], 1, dtype=torch.float64)
                 delta = dy[mname]
@@ -134,6 +144,29 @@ def test_roberta_with_head_and_padding_matches_per_token_loop():
     _check(got.factors, want, rows, got)
     bias = [k for k in heads if k.endswith("bias")][0]
     assert torch.equal(got.factors[bias][0], torch.ones(1, 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("timesteps", [1, 2])
+def test_unet_conv_and_linear_lora_factors_match_per_position_loop(timesteps):
+    pytest.importorskip("diffusers")
+    from peft import inject_adapter_in_model
+
+    unet = inject_adapter_in_model(
+        lora_config(["to_q", "to_v", "conv1"], r=2), tiny_unet2d(seed=3, dtype=torch.float64)
+    )
+    loss = DenoisingLoss(timesteps_per_example=timesteps, seed=5)
+    g = torch.Generator().manual_seed(6)
+    batch = {
+        "pixel_values": torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64),
+        "index": torch.tensor([10, 11, 12]),
+        "class_labels": torch.tensor([1, 4, 7]),
+    }
+    col = fastinf.LoRAGradientCollector(unet, loss_fn=loss, dtype=torch.float64)
+    assert any("conv1.lora_A" in n for n in col.block_names)
+    got = col.collect([batch], progress=False, factors=True)
+    singles = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(3)]
+    want, rows = loop_factors(unet, loss, singles, col.block_names)
+    _check(got.factors, want, rows, got)
 
 
 def test_factors_refused_with_projection_and_kept_by_views():
