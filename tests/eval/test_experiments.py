@@ -265,6 +265,7 @@ def _hand_gradients(net, loader, ck):
 @needs_hf
 def test_tracin_cp_and_checkpoint_ensemble_equal_independent_computations():
     from fastinf.eval.checkpoint_influence import checkpoint_influence
+    from fastinf.eval.runner import method_options
 
     tok, net, tr_loader, te_loader, cks = _tiny_lora_classifier()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -295,7 +296,7 @@ def test_tracin_cp_and_checkpoint_ensemble_equal_independent_computations():
     # the ensemble: the mean of exact's scores fitted at each checkpoint on the hand gradients
     per = []
     for h_tr, h_te in zip(hand_tr, hand_te, strict=True):
-        est = fastinf.get_estimator("exact", dtype=torch.float64)
+        est = fastinf.get_estimator("exact", dtype=torch.float64, **method_options("exact"))  # the runner's options
         per.append(est.fit(fastinf.GradientSet(h_tr)).score(fastinf.GradientSet(h_te), reduce="mean"))
     for a, b in zip(res.per_checkpoint["exact"], per, strict=True):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5 * float(b.abs().max()))
