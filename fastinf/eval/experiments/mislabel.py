@@ -500,8 +500,8 @@ def _intro(meta: dict) -> str:
         f"Test accuracy "
         f"{accuracy_text(meta)}. Gradient dimension D = {meta['D']} in {meta['blocks']} blocks. "
         f"Checkpoints (Z0-Inf, TracIn-CP, ensembles): {meta.get('checkpoints', '—')}. Data seeds: {seeds} "
-        f"(each its own train/test split, flip set, LoRA init and training order). Damping: {s['damping']!r} (papers' factor 0.1); "
-        f"LiSSA depth {s['lissa_depth']}."
+        f"(each its own train/test split, flip set, LoRA init and training order). "
+        f"Damping: {s['damping']!r} (papers' factor 0.1); LiSSA depth {s['lissa_depth']}."
         + (
             f" Wall time {meta['total_seconds_all_seeds']:.0f} s ({meta.get('load', '')} at the end)."
             if meta.get("total_seconds_all_seeds")
