@@ -161,7 +161,7 @@ def test_lds_experiment_end_to_end_matches_an_independent_recomputation_and_reus
         n_train=40, n_test=10, epochs=2, batch_size=8, max_length=16, rrinf_seeds=(0,), lissa_depth=5,
         checkpoints_per_epoch=1,
     )  # fmt: skip
-    ls = L.LDSSettings(subsets=5, damping_multipliers=(1, 100), n_boot=200)
+    ls = L.LDSSettings(subsets=5, damping_multipliers=(1, 100), n_boot=200, n_boot_subsets=50)
     kw = dict(model=tiny_bert, settings=s, lds_settings=ls, cache_dir=tmp_path / "cache", progress=False, log=None)
     res = L.lds_experiment(texts, labels, methods=["exact", "hessian_free"], report_dir=tmp_path / "rep", **kw)
     meta = res.meta
@@ -209,6 +209,10 @@ def test_lds_experiment_end_to_end_matches_an_independent_recomputation_and_reus
         np.testing.assert_allclose(res[name]["per_test"], per, atol=1e-6, err_msg=name)
         assert res[name]["lds"] == pytest.approx(np.nanmean(per), abs=1e-6)
         assert res[name]["lds_ci"][0] <= res[name]["lds"] <= res[name]["lds_ci"][1]
+        lo, hi = res[name]["lds_ci_subsets"]
+        assert -1 <= lo <= hi <= 1
+    vs = res["hessian_free"]["vs_reference"]
+    assert vs["ci_subsets"][0] <= vs["ci_subsets"][1] and vs["reference"] == res.meta["reference"]
     assert set(rj["sweeps"]["damping"]) == {"exact"} and len(rj["sweeps"]["damping"]["exact"]) == 2
     assert "LDS" in (tmp_path / "rep" / "report.md").read_text()
     # label-free rows: scored when select_damping exists, listed as skipped otherwise

@@ -63,6 +63,7 @@ class LDSSettings:
     fraction: float = 0.5
     subset_seed: int = 1000  # subset k is drawn from, and trained with, seed subset_seed + k
     n_boot: int = 2000
+    n_boot_subsets: int = 500  # resamples of the S subsets (0: no subset interval)
     level: float = 0.95
     label_free: bool = True  # the rows that choose λ with select_damping (GCV and the label-free default)
     damping_multipliers: tuple[float, ...] = (1, 10, 100, 1e3, 1e4, 1e5, 1e6)
@@ -374,13 +375,14 @@ def lds_experiment(
         gtr, gte, grad_methods, reduce=None, seeds=s.rrinf_seeds, damping=s.damping, lissa_depth=s.lissa_depth,
         progress=progress,
     )  # fmt: skip
-    result = ExperimentResult()
+    result, scored = ExperimentResult(), {}
     for name, run in runs.items():
         if run.error or not run.scores:
             result[name] = {"lds": None, "auc": None, "error": run.error or "no scores"}
             continue
         info = {k: v for k, v in run.info.items() if k in ("lambda", "converged", "seeds")}
         result[name] = _row(run.scores, masks, losses, flipped, L, run.seconds, info)
+        scored[name] = run.scores
     if L.label_free:
         for row, got in _label_free_runs(gtr, gte, L, say).items():
             if isinstance(got, str):
@@ -388,6 +390,7 @@ def lds_experiment(
                 result[row] = {"lds": None, "auc": None, key: got}
             else:
                 result[row] = _row(got[0], masks, losses, flipped, L, got[1], got[2])
+                scored[row] = got[0]
     sweeps: dict[str, Any] = {}
     if L.sweeps:
         swept = [m for m in ("exact", "datainf") if m in grad_methods]
@@ -431,6 +434,7 @@ def lds_experiment(
         "load": loadavg(),
     }
     result.meta["reference"] = _paired(result, L)
+    _subset_bootstrap(result, scored, masks, losses, L)
     scored = [r for r in result.values() if r.get("lds") is not None]
     if len(scored) >= 3:  # do LDS and the mislabel AUC of the same scores rank the rows alike?
         ag = agreement([r["lds"] for r in scored], [r["auc"] for r in scored])
@@ -458,7 +462,41 @@ def _paired(result: ExperimentResult, L: LDSSettings) -> str | None:
     return ref
 
 
+def _subset_bootstrap(result: ExperimentResult, scored: dict, masks, losses, L: LDSSettings) -> None:
+    """Intervals over the subsets: resample the S (subset, retrained model) pairs with replacement and
+    recompute every row's LDS on the same draw (so the paired difference to the reference shares it).
+    Sets ``lds_ci_subsets`` and ``vs_reference["ci_subsets"]``."""
+    rows = [k for k in scored if result[k].get("lds") is not None]
+    if L.n_boot_subsets < 1 or not rows:
+        return
+    rng = np.random.default_rng(L.subset_seed)
+    S = masks.shape[0]
+    draws = np.empty((L.n_boot_subsets, len(rows)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a resample can repeat subsets; constant columns are left out
+        for b in range(L.n_boot_subsets):
+            idx = rng.integers(0, S, S)
+            for c, k in enumerate(rows):
+                per = np.nanmean([lds(sc.numpy(), masks[idx], losses[idx])[1] for sc in scored[k]], axis=0)
+                draws[b, c] = np.nanmean(per)
+    q = [(1 - L.level) / 2, (1 + L.level) / 2]
+    ref = result.meta.get("reference")
+    for c, k in enumerate(rows):
+        result[k]["lds_ci_subsets"] = np.nanquantile(draws[:, c], q).tolist()
+        vs = result[k].get("vs_reference")
+        if vs is not None and ref in rows:
+            vs["ci_subsets"] = np.nanquantile(draws[:, rows.index(ref)] - draws[:, c], q).tolist()
+    result.meta["n_boot_subsets"] = L.n_boot_subsets
+
+
 # ------------------------------------------------------------------------------------ report
+SG = "{:+.3f}"
+
+
+def _ci(ci, f: str) -> str:
+    return "—" if ci is None else f"[{f.format(ci[0])}, {f.format(ci[1])}]"
+
+
 def lds_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) sorted by LDS: LDS [CI], reference − row [CI], mislabel AUC, λ, seconds."""
     level = int(round(100 * result.meta["lds_settings"]["level"]))
@@ -466,8 +504,9 @@ def lds_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
     headers = [
         "method",
         "LDS",
-        f"{level}% CI",
-        f"{ref or 'ref'} − method [{level}% CI]",
+        f"{level}% CI (test points)",
+        f"{level}% CI (subsets)",
+        f"{ref or 'ref'} − method [CI test points; CI subsets]",
         "mislabel AUC",
         "λ",
         "seconds",
@@ -483,7 +522,8 @@ def lds_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
                 name,
                 f"{r['lds']:.3f}",
                 f"[{r['lds_ci'][0]:.3f}, {r['lds_ci'][1]:.3f}]",
-                "—" if vs is None else f"{vs['diff']:+.3f} [{vs['ci'][0]:+.3f}, {vs['ci'][1]:+.3f}]",
+                _ci(r.get("lds_ci_subsets"), "{:.3f}"),
+                "—" if vs is None else f"{vs['diff']:+.3f} {_ci(vs['ci'], '{:+.3f}')}; {_ci(vs.get('ci_subsets'), SG)}",
                 f"{r['auc']:.3f}",
                 lam_text,
                 f"{r['seconds']:.2f}",
@@ -492,7 +532,7 @@ def lds_table(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
     for name, r in result.items():
         if r.get("lds") is None:
             note = r.get("skipped") or r.get("error") or "no result"
-            rows.append([name, "skipped" if r.get("skipped") else "failed", "—", "—", "—", "—", note[:80]])
+            rows.append([name, "skipped" if r.get("skipped") else "failed", "—", "—", "—", "—", "—", note[:80]])
     return headers, rows
 
 
@@ -520,9 +560,11 @@ def _finish(result: ExperimentResult, masks: np.ndarray, losses: np.ndarray, out
     explain = (
         f"LDS = mean over test examples of the Spearman correlation, over the {meta['subsets']} subsets, between "
         "Σ_{i∈subset} I(i, j) and the retrained model's loss on test example j (positive = harmful, so higher is "
-        f"better). {level}% CI: percentile bootstrap over test examples (it leaves out the noise of the finite set of "
-        "subsets). The paired column is the reference row's per-test LDS minus the method's (positive: the reference "
-        "ranks above). mislabel AUC: the same scores averaged over test examples, on the same model."
+        f"better). {level}% CIs: percentile bootstraps over test examples (the subsets fixed) and over the subsets "
+        "(the (subset, retrained model) pairs resampled, every row on the same draws: this one carries the noise of "
+        "retraining and of the finite set of subsets). The paired column is the reference row's LDS minus the "
+        "method's (positive: the reference ranks above). mislabel AUC: the same scores averaged over test examples, "
+        "on the same model."
     )
     if meta.get("lds_vs_auc"):
         c = meta["lds_vs_auc"]
