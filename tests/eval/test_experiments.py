@@ -63,6 +63,16 @@ def texts_and_labels(n, seed=0):
     return texts, labels
 
 
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """The experiments' temporary directories go to a directory of this test only, so a concurrent run
+    elsewhere on the machine can neither hide nor fake a leftover."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
 def _exp_dirs():
     return set(Path(tempfile.gettempdir()).glob("fastinf-exp-*"))
 
@@ -116,7 +126,7 @@ def test_experiment_errors_are_value_errors():
 
 # ------------------------------------------------------------------------------------ tiny HF models
 @needs_hf
-def test_mislabel_experiment_end_to_end_tiny_bert(tmp_path):
+def test_mislabel_experiment_end_to_end_tiny_bert(tmp_path, private_tmp):
     texts, labels = texts_and_labels(60)
     s = MislabelSettings(epochs=1, batch_size=8, max_length=16, sweeps=False, rrinf_seeds=(0,))
     before, dirs_before = dataclasses.asdict(s), _exp_dirs()
@@ -307,7 +317,7 @@ def test_tracin_cp_and_checkpoint_ensemble_equal_independent_computations():
 
 
 @needs_hf
-def test_class_detection_experiment_end_to_end_tiny_llama(tmp_path):
+def test_class_detection_experiment_end_to_end_tiny_llama(tmp_path, private_tmp):
     rng = np.random.default_rng(0)
     words = {"a": ["apple", "pear", "plum"], "b": ["red", "blue", "green"], "c": ["one", "two", "three"]}
 
