@@ -28,6 +28,7 @@ import torch
 from ..distributed import all_reduce_sum
 from ..gradients.gradient_set import GradientSet
 from .base import Estimator, EstimatorOptions, register
+from .damping import LABEL_FREE_RULE
 
 log = logging.getLogger("fastinf")
 
@@ -84,6 +85,13 @@ class Exact(Estimator):
     held in their own dtype, ≥ float32, and converted one row chunk at a time; plus one factor per block
     group).
 
+    Damping: ``damping="auto"`` is the label-free rule :data:`~.damping.LABEL_FREE_RULE`, λ = 10 · tr(G) /
+    min(n, D_g) (``"mean_eig"``, c = 10: chosen on Rotten Tomatoes and validated on held-out tasks by
+    ``bench/bench_damping.py``; ≈ 10⁴ × the papers' λ at LoRA sizes, where exact at the papers' λ ranks near
+    chance). ``damping="paper"``, or an explicit ``damping_factor``, gives the papers' rule (what the compat
+    engines use); a float, a dict block → λ (``blockwise=True``) or any rule of
+    :func:`~fastinf.select_damping` as usual.
+
     Passes over the training gradients and memory (D_g: a group's width, D_g = D when global):
 
     * d-space: ``fit`` 1 (G and the 'auto' λ together); ``score`` / ``topk`` / ``self_influence`` 1 each.
@@ -100,6 +108,9 @@ class Exact(Estimator):
     name = "exact"
     Options = ExactOptions
     default_dtype = torch.float64
+    # damping="auto": the label-free rule bench/bench_damping.py chose on Rotten Tomatoes and validated on the
+    # held-out tasks (README "Damping"); damping="paper" (or an explicit damping_factor) is the papers' rule
+    default_damping = LABEL_FREE_RULE
     cast_storage = False
 
     def _n_space_problem(self) -> str | None:

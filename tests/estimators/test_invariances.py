@@ -10,7 +10,7 @@ import fastinf
 from fastinf import GradientSet
 
 ALL = ["hessian_free", "diagonal_fisher", "datainf", "lissa", "rrinf", "rrinf_fixed_point", "exact"]
-OPTS = {"lissa": {"tol": 0.0, "depth": 40}}
+OPTS = {"lissa": {"tol": 0.0, "depth": 40}, "exact": {"damping": "paper"}}  # the oracles use the papers' λ
 
 
 def _est(method, **kw):
@@ -154,10 +154,10 @@ def test_dtype_round_trip_is_lossless(problem):
         assert back[k].dtype == torch.float32 and torch.equal(back[k], tr32[k])
         assert not torch.equal(tr64[k], train[k])  # the float32 rounding really happened
     want = dense_inverse_scores(tr64, te32.to(dtype=torch.float64), auto_lambda(tr64, tr64.names), [tr64.names])
-    got64 = fastinf.Exact().fit(tr64).score(te32.to(dtype=torch.float64))
+    got64 = fastinf.Exact(damping="paper").fit(tr64).score(te32.to(dtype=torch.float64))
     assert float((got64 - want).abs().max()) <= 1e-10 * float(want.abs().max())
     # float32 storage: the solve is in float64; only λ is summed from float32 row norms
-    got32 = fastinf.Exact().fit(tr32).score(te32)
+    got32 = fastinf.Exact(damping="paper").fit(tr32).score(te32)
     assert float((got32 - want).abs().max()) <= 1e-6 * float(want.abs().max())
 
 
@@ -165,7 +165,7 @@ def test_default_compute_dtypes(problem):
     train, test = problem
     tr32, te32 = train.to(dtype=torch.float32), test.to(dtype=torch.float32)
     assert fastinf.DataInf().fit(tr32).score(te32).dtype == torch.float32
-    assert fastinf.Exact().fit(tr32).score(te32).dtype == torch.float64  # solves in float64 by default
+    assert fastinf.Exact(damping="paper").fit(tr32).score(te32).dtype == torch.float64  # solves in float64 by default
     tr16 = train.to(dtype=torch.bfloat16)
     assert fastinf.HessianFree().fit(tr16).score(tr16).dtype == torch.float32
 
