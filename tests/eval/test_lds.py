@@ -213,6 +213,10 @@ def test_lds_experiment_end_to_end_matches_an_independent_recomputation_and_reus
         assert -1 <= lo <= hi <= 1
     vs = res["hessian_free"]["vs_reference"]
     assert vs["ci_subsets"][0] <= vs["ci_subsets"][1] and vs["reference"] == res.meta["reference"]
+    b = res.meta["best_vs_runner_up"]
+    assert b["diff"] >= 0 and b["best"] == max(
+        (k for k in res if res[k].get("lds") is not None), key=lambda k: res[k]["lds"]
+    )
     assert set(rj["sweeps"]["damping"]) == {"exact"} and len(rj["sweeps"]["damping"]["exact"]) == 2
     assert "LDS" in (tmp_path / "rep" / "report.md").read_text()
     # label-free rows: scored when select_damping exists, listed as skipped otherwise

@@ -487,6 +487,15 @@ def _subset_bootstrap(result: ExperimentResult, scored: dict, masks, losses, L: 
         if vs is not None and ref in rows:
             vs["ci_subsets"] = np.nanquantile(draws[:, rows.index(ref)] - draws[:, c], q).tolist()
     result.meta["n_boot_subsets"] = L.n_boot_subsets
+    if len(rows) >= 2:  # is the top row beyond the subset noise of the runner-up?
+        top, second = sorted(range(len(rows)), key=lambda c: -result[rows[c]]["lds"])[:2]
+        d = draws[:, top] - draws[:, second]
+        result.meta["best_vs_runner_up"] = {
+            "best": rows[top],
+            "runner_up": rows[second],
+            "diff": result[rows[top]]["lds"] - result[rows[second]]["lds"],
+            "ci_subsets": np.nanquantile(d, q).tolist(),
+        }
 
 
 # ------------------------------------------------------------------------------------ report
@@ -566,6 +575,12 @@ def _finish(result: ExperimentResult, masks: np.ndarray, losses: np.ndarray, out
         "method's (positive: the reference ranks above). mislabel AUC: the same scores averaged over test examples, "
         "on the same model."
     )
+    if meta.get("best_vs_runner_up"):
+        b = meta["best_vs_runner_up"]
+        explain += (
+            f" Top row {b['best']} − runner-up {b['runner_up']}: {b['diff']:+.3f} "
+            f"{_ci(b['ci_subsets'], SG)} ({level}% CI over the subsets)."
+        )
     if meta.get("lds_vs_auc"):
         c = meta["lds_vs_auc"]
         explain += f" Spearman correlation of LDS and mislabel AUC over the {c['rows']} rows: {c['spearman']:.2f}."
