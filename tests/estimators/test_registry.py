@@ -28,6 +28,8 @@ FACTS = {
     "rrinf": ("gradients", True, True),
     "rrinf_fixed_point": ("gradients", True, False),
     "exact": ("gradients", True, False),
+    "kfac": ("gradients", True, False),
+    "ekfac": ("gradients", True, False),
     "z0inf": ("traces", False, False),
     "bif": ("traces", False, False),
 }
@@ -37,7 +39,7 @@ CANONICAL = list(FACTS)
 def test_available_methods_order_and_filter():
     assert available_methods() == CANONICAL
     assert available_methods(None) == CANONICAL
-    assert available_methods("gradients") == CANONICAL[:7]
+    assert available_methods("gradients") == CANONICAL[:9]
     assert available_methods("traces") == ["z0inf", "bif"]
     assert fastinf.available_methods() == CANONICAL
     with pytest.raises(ValueError, match="input_kind"):
@@ -89,6 +91,8 @@ def grads():
 def test_uses_damping_means_the_scores_depend_on_lambda(grads, name):
     train, test = grads
     opts = {"tol": 0.0, "depth": 30} if name == "lissa" else {}
+    if name in ("kfac", "ekfac"):  # Kronecker factors of a (6 = 2 × 3) and b (4 = 2 × 2) blocks
+        opts = {"factors": {"a": (torch.eye(3), torch.eye(2)), "b": (torch.eye(2), torch.eye(2))}}
     a = get_estimator(name, damping=0.05, **opts).fit(train).score(test)
     b = get_estimator(name, damping=0.5, **opts).fit(train).score(test)
     assert (not torch.allclose(a, b, rtol=1e-6, atol=0)) == FACTS[name][1]
