@@ -296,8 +296,10 @@ def lds_experiment(
     with λ from ``select_damping`` (``lds_settings.label_free``). ``cache_dir``: where retrained
     models are kept (default :func:`default_cache_dir`).
 
-    Returns ``{row: {"lds", "lds_ci", "per_test", "auc", "seconds", "lambda", ...}}`` (``auc``: the
-    mislabel AUC of the same scores averaged over test examples) with ``.meta`` (sizes, timings,
+    Returns ``{row: {"lds", "lds_ci", "lds_ci_subsets", "vs_reference", "per_test", "auc", "seconds",
+    "lambda", ...}}`` (intervals over test examples and over the subsets; ``vs_reference``: the paired
+    difference to "exact (GCV λ)", else "exact"; ``auc``: the mislabel AUC of the same scores averaged
+    over test examples) with ``.meta`` (sizes, timings,
     settings, commit), ``.sweeps`` (LDS vs damping multiplier), ``.data`` (``subsets`` (S, n) booleans
     and ``test_losses`` (S, m)) and ``.summary()``; with ``report_dir``
     report.md and results.json (with the subsets and the retrained models' test losses).
@@ -335,7 +337,7 @@ def lds_experiment(
     tr_texts, te_texts, y_te = [texts[i] for i in tr_idx], [texts[i] for i in te_idx], y[te_idx]
     say(f"LDS: cache {cache.dir}; full-data model ({s.n_train} examples, {int(flipped.sum())} flipped)")
 
-    full, net = _trained(cache, "full", model, tr_texts, y_tr, s, seed, te_texts, y_te)
+    full, _ = _trained(cache, "full", model, tr_texts, y_tr, s, seed, te_texts, y_te)
     seeds = [L.subset_seed + k for k in range(L.subsets)]
     masks = np.stack([subset_mask(s.n_train, L.fraction, sk) for sk in seeds])
     recs, trained_now = [], 0
