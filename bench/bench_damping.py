@@ -109,10 +109,13 @@ def _capture_classes(task: str, seed: int) -> dict:
     return {**got, "meta": {"seconds": time.perf_counter() - t0, "D": got["train"].dim}}
 
 
+def cache_path(task: str, seed: int, cache: Path, n_train: int) -> Path:
+    return cache / (f"{task}_s{seed}" + (f"_n{n_train}" if task == TUNE_TASK else "") + ".pt")
+
+
 def captured(task: str, seed: int, cache: Path, n_train: int, n_test: int) -> dict:
     """The task's gradients and labels for one seed: from the cache, or captured (and cached)."""
-    name = f"{task}_s{seed}" + (f"_n{n_train}" if task == TUNE_TASK else "") + ".pt"
-    path = cache / name
+    path = cache_path(task, seed, cache, n_train)
     if path.exists():
         d = torch.load(path, weights_only=False)
     else:
@@ -349,6 +352,9 @@ def study(args, cache: Path, tune_seeds, held_seeds, tasks, n_train, n_test) -> 
     print(f"best label-free configuration on Rotten Tomatoes: {best}", flush=True)
     for task in tasks:
         for seed in held_seeds:
+            if args.cached_only and not cache_path(task, seed, cache, n_train).exists():
+                print(f"[{task} seed {seed}] not in the cache: skipped (--cached-only)", flush=True)
+                continue
             d = captured(task, seed, cache, n_train, n_test)
             meta[f"{task}_s{seed}"] = d["meta"]
             score_task(task, seed, d, tuned, rows, cache)
@@ -375,7 +381,8 @@ def write_results(args, rows, tune_rows, tuned, best, tasks, meta, seconds) -> N
     lines = [
         "# bench_damping: label-free damping rules (issue 12 §1, METHODS.md §10)",
         "",
-        f"{rb.version}, {rb.date}; {seconds / 60:.1f} min of scoring (capture cached under {args.cache}).",
+        f"{rb.version}, {rb.date}; this run {seconds / 60:.1f} min (captured gradients and scored rows are cached "
+        f"under {args.cache}; bench/README.md states the cost of a cold run).",
         "",
         "Protocol: each rule's constant is chosen on Rotten Tomatoes only (mislabel AUC, mean over seeds), per method;"
         " then validated unchanged on the held-out class-detection tasks. λ/λ_paper: the chosen λ over the papers' λ"
@@ -444,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", default="/tmp/fastinf-bench-damping", help="captured gradients, per task and seed")
     ap.add_argument("--capture-only", action="store_true", help="fill the cache and stop")
     ap.add_argument("--held-out-only", action="store_true", help="with --capture-only: the held-out tasks only")
+    ap.add_argument("--cached-only", action="store_true", help="score only the held-out task × seed already cached")
     ap.add_argument("--tune-seeds", type=int, nargs="+", default=None, help="Rotten Tomatoes seeds (default 0 1 2)")
     ap.add_argument("--held-out-seeds", type=int, nargs="+", default=None, help="held-out seeds (default 0 1)")
     ap.add_argument("--tasks", nargs="+", default=list(HELD_OUT), choices=list(HELD_OUT), help="held-out tasks")
