@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fastinf.eval import bootstrap_ci, lds
+from fastinf.eval.experiments.common import mislabel_split
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -175,7 +176,7 @@ def test_lds_experiment_end_to_end_matches_an_independent_recomputation_and_reus
     assert len({tuple(i) for i in rj["subsets"]}) == 5, "the subsets are not distinct"
 
     # the task and the recorded losses, recomputed from the cached subset models' weights
-    tr_idx, te_idx, y_tr, _ = L._split(np.asarray(labels), s, 0)
+    tr_idx, te_idx, y_tr, _ = mislabel_split(np.asarray(labels), s, 0)
     tok, net = text_classifier(tiny_bert, 2, s.lora_r)
     te_batch = next(iter(text_loader(TextDataset(tok([texts[i] for i in te_idx]), labels[te_idx]), tok, 10)))
     cache = next((tmp_path / "cache").iterdir())

@@ -12,6 +12,7 @@ import numpy as np
 from ..runner import mean_std
 
 __all__ = [
+    "mislabel_split",
     "ExperimentResult",
     "aggregate_seeds",
     "failed_methods",
@@ -226,3 +227,19 @@ def paired_over_seeds(result: ExperimentResult, reference: str) -> dict[str, Any
     best = max(per_seed, key=lambda m: result[m]["auc"])
     out["best"], out["vs_best"] = best, paired_comparison(per_seed, best)
     return out
+
+
+def mislabel_split(labels: np.ndarray, s: Any, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The mislabel task of data seed ``seed`` (``s``: its ``n_train``, ``n_test`` and ``flip``, e.g.
+    :class:`.mislabel.MislabelSettings`): (train indices, test indices, training labels with flips, flipped
+    mask (n_train,)). One seeded permutation gives the split, the same generator then flips
+    round(flip · n_train) training labels; :mod:`.lds` builds its task with it too."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(labels))
+    tr_idx, te_idx = perm[: s.n_train], perm[s.n_train : s.n_train + s.n_test]
+    y_tr = labels[tr_idx].copy()
+    n_flip = int(round(s.flip * s.n_train))
+    flipped = np.zeros(s.n_train, dtype=bool)
+    flipped[rng.choice(s.n_train, n_flip, replace=False)] = True
+    y_tr[flipped] = 1 - y_tr[flipped]
+    return tr_idx, te_idx, y_tr, flipped

@@ -42,7 +42,7 @@ from .. import hf
 from ..metrics import agreement, bootstrap_ci, lds, mislabel_auc
 from ..report import damping_section, plot_auc_vs_damping, section, write_report
 from ..runner import damping_sweep, run_gradient_methods, split_methods
-from .common import ExperimentResult, prepare_report_dir, settings_dict
+from .common import ExperimentResult, mislabel_split, prepare_report_dir, settings_dict
 from .mislabel import MislabelSettings
 
 __all__ = ["LDSSettings", "RetrainCache", "lds_demo", "lds_experiment"]
@@ -128,7 +128,7 @@ def _code_digest() -> str:
     import ast
 
     parts = []
-    for f in (hf.text_classifier, hf.train_classifier, hf.trainer_args, _split, _train):
+    for f in (hf.text_classifier, hf.train_classifier, hf.trainer_args, mislabel_split, _train):
         tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
@@ -140,20 +140,6 @@ def _code_digest() -> str:
 
 
 # ------------------------------------------------------------------------------------ task and training
-def _split(labels: np.ndarray, s: MislabelSettings, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train indices, test indices, training labels with flips, flipped mask): the mislabel
-    experiment's task construction for data seed ``seed``."""
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(labels))
-    tr_idx, te_idx = perm[: s.n_train], perm[s.n_train : s.n_train + s.n_test]
-    y_tr = labels[tr_idx].copy()
-    n_flip = int(round(s.flip * s.n_train))
-    flipped = np.zeros(s.n_train, dtype=bool)
-    flipped[rng.choice(s.n_train, n_flip, replace=False)] = True
-    y_tr[flipped] = 1 - y_tr[flipped]
-    return tr_idx, te_idx, y_tr, flipped
-
-
 def subset_mask(n: int, fraction: float, seed: int) -> np.ndarray:
     """A seeded random subset of exactly round(fraction · n) of n training examples, as (n,) booleans."""
     k = int(round(fraction * n))
@@ -333,7 +319,7 @@ def lds_experiment(
         "code": _code_digest(),
     }
     cache = RetrainCache(cache_dir or default_cache_dir(), recipe)
-    tr_idx, te_idx, y_tr, flipped = _split(y, s, seed)
+    tr_idx, te_idx, y_tr, flipped = mislabel_split(y, s, seed)
     tr_texts, te_texts, y_te = [texts[i] for i in tr_idx], [texts[i] for i in te_idx], y[te_idx]
     say(f"LDS: cache {cache.dir}; full-data model ({s.n_train} examples, {int(flipped.sum())} flipped)")
 

@@ -58,6 +58,7 @@ from ..synthetic import mislabel_task
 from .common import (
     ExperimentResult,
     aggregate_seeds,
+    mislabel_split,
     paired_over_seeds,
     prepare_report_dir,
     row_order,
@@ -262,14 +263,8 @@ def mislabel_experiment(
 
 def _one_seed(texts, labels, s: MislabelSettings, grad_methods, trace_methods, seed, model, progress, say) -> dict:
     t_start = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(texts))
-    tr_idx, te_idx = perm[: s.n_train], perm[s.n_train : s.n_train + s.n_test]
-    y_tr = labels[tr_idx].copy()
-    n_flip = int(round(s.flip * s.n_train))
-    flipped = np.zeros(s.n_train, dtype=bool)
-    flipped[rng.choice(s.n_train, n_flip, replace=False)] = True
-    y_tr[flipped] = 1 - y_tr[flipped]
+    tr_idx, te_idx, y_tr, flipped = mislabel_split(labels, s, seed)
+    n_flip = int(flipped.sum())
     y_te = labels[te_idx]
     torch.manual_seed(seed)
     tok, net = hf.text_classifier(model, 2, s.lora_r)
