@@ -40,6 +40,7 @@ Draws are made once at ``fit`` from ``seed``; every later ``score`` reuses them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -63,17 +64,36 @@ def _reject_blockwise(blockwise: bool, who: str) -> None:
 
 
 def _layer_lambdas(est: Estimator) -> dict[str, float]:
-    """λ_l per block for layer sampling. With ``damping="auto"`` an all-zero block gets λ_l = 0 (its
-    steps do nothing); only when every block is zero is that an error."""
+    """λ_l per block for layer sampling: the dict's entry, the explicit float, or the damping rule applied to
+    each block's own gradients (:meth:`Estimator.damping_for`). Under a rule an all-zero block gets λ_l = 0
+    (its steps do nothing); only when every block is zero is that an error."""
     train = est.train_
-    if not isinstance(est.options.damping, str):
-        return {k: est.options.damping for k in train.names}
-    f = est.options.damping_factor
+    d = est.options.damping
+    if isinstance(d, Mapping):
+        return {k: float(d[k]) for k in train.names}
+    if est.options.damping_rule(est.default_damping) is None:
+        return {k: float(d) for k in train.names}
     sums = est.block_sq_sums()
-    lam = {k: f * sums[k] / (train.n * train.dims[k]) for k in train.names}
+    lam = {k: est.damping_for([k]) if sums[k] > 0 else 0.0 for k in train.names}
     if not any(v > 0 for v in lam.values()):
         raise est._zero_damping_error()
     return lam
+
+
+class _LayerDamping:
+    """Layer sampling damps each block with its own λ_l: the blocks are separate damping groups (so a dict
+    ``damping`` is accepted there), and ``lambdas_`` reports the λ_l used, zero blocks' 0 included."""
+
+    def block_groups(self) -> list[list[str]]:
+        if self.options.sampling == "layer":
+            return [[k] for k in self._check_fitted().names]
+        return super().block_groups()
+
+    @property
+    def lambdas_(self) -> dict[str, float]:
+        if self.options.sampling == "layer":
+            return _layer_lambdas(self)
+        return super().lambdas_
 
 
 @dataclass
@@ -106,7 +126,7 @@ class RRInfOptions(EstimatorOptions):
 
 
 @register
-class RRInf(Estimator):
+class RRInf(_LayerDamping, Estimator):
     """RRInf influence by normalised SGD (see module docstring). Global λ rule by default.
 
     Large training sets: each step couples all n training examples through one coordinate row φ_ι ∈ Rⁿ,
@@ -343,7 +363,7 @@ class RRInfFixedPointOptions(EstimatorOptions):
 
 
 @register
-class RRInfFixedPoint(Estimator):
+class RRInfFixedPoint(_LayerDamping, Estimator):
     """Closed form of the weighted ridge problem RRInf's normalised SGD targets (METHODS.md §5).
 
     With sampling weights a_ι (1/D for neuron/minibatch sampling, 1/(L·d_l) for layer sampling) and

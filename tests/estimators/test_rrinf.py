@@ -119,3 +119,17 @@ def test_omega_is_public_and_first_step_exact():
     torch.testing.assert_close(est.omega(test), want, rtol=1e-12, atol=0)
     with pytest.raises(NotImplementedError, match="omega"):
         est.preconditioned_test(test)
+
+
+def test_layer_mode_applies_a_damping_rule_per_block():
+    """damping='mean_eig' in layer sampling: λ_l = c · ‖Φ_l‖²_F / (n · min(n, d_l)) from each block's own
+    gradients (METHODS.md §10), not the papers' formula; the same run as with those λ_l given as a dict."""
+    train, test = make_blocks(12, {"a": 5, "b": 30}, seed=4), make_blocks(3, {"a": 5, "b": 30}, seed=5)
+    n = train.n
+    want = {k: 10.0 * float(train[k].double().pow(2).sum()) / (n * min(n, d)) for k, d in train.dims.items()}
+    rule = RRInf(sampling="layer", iters=300, seed=2, damping=("mean_eig", {"c": 10.0})).fit(train)
+    assert rule.lambdas_ == pytest.approx(want, rel=1e-12)
+    explicit = RRInf(sampling="layer", iters=300, seed=2, damping=want).fit(train)
+    torch.testing.assert_close(rule.score(test), explicit.score(test), rtol=1e-12, atol=0)
+    paper = RRInf(sampling="layer", iters=300, seed=2).fit(train)
+    assert not torch.allclose(paper.score(test), rule.score(test), rtol=1e-3)
