@@ -147,7 +147,10 @@ def _run(args: argparse.Namespace) -> int:
         return int(args._command.run(args) or 0)
 
 
-DAMPING_HELP = "'auto' (0.1 × mean squared gradient entry, METHODS.md §0) or an absolute λ"
+DAMPING_HELP = (
+    "'auto' (each method's default: the label-free 'mean_eig' rule for exact, the papers' 0.1 × mean squared "
+    "gradient entry for the others), a rule ('paper', 'mean_eig', 'dof'; METHODS.md §10) or an absolute λ"
+)
 
 # library option -> the command-line flag that sets it (for error messages)
 _FLAGS = {"overwrite": "--overwrite", "allow_incomplete": "--allow-incomplete", "allow_mismatch": "--allow-mismatch"}
@@ -175,14 +178,17 @@ def _non_negative_int(text: str) -> int:
 
 
 def _damping(text: str) -> float | str:
-    if text == "auto":
+    from .estimators.damping import ESTIMATOR_RULES
+
+    if text == "auto" or text in ESTIMATOR_RULES:
         return text
+    expected = f"expected 'auto', a rule ({', '.join(ESTIMATOR_RULES)}) or a positive number"
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
     if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
     return v
 
 
@@ -279,7 +285,14 @@ class DemoCommand(Command):
         )
         parser.add_argument("--bif", action="store_true", help="also the BIF (SGLD traces: minutes per data seed)")
         parser.add_argument("--methods", type=_methods, metavar="LIST", help="comma-separated methods (default: all)")
-        parser.add_argument("--damping", type=_damping, default="auto", metavar="LAMBDA", help=DAMPING_HELP)
+        parser.add_argument(
+            "--damping",
+            type=_damping,
+            default="auto",
+            metavar="LAMBDA",
+            help="λ of the plain method rows: 'auto' (the papers' 0.1 × mean squared gradient entry; the "
+            "'(label-free λ)' rows add the label-free rule), a rule ('paper', 'mean_eig', 'dof') or an absolute λ",
+        )
         parser.add_argument("--quick", action="store_true", help="smaller run (CI smoke test)")
         parser.add_argument("--synthetic", action="store_true", help="the synthetic task (tiny LoRA MLP; seconds)")
         parser.add_argument(

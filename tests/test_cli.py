@@ -121,6 +121,7 @@ def test_bad_arguments_exit_nonzero_with_one_line():
         (["demo", "--bogus"], 2, "unrecognized arguments"),
         (["demo", "--n-train", "abc"], 2, "positive integer"),
         (["demo", "--damping", "-1"], 2, "positive number"),
+        (["demo", "--damping", "gcv"], 2, "a rule (paper, mean_eig, dof)"),
         ([], 2, "missing command"),
         (["demo", "--methods", "nope", "--quick"], 1, "unknown method"),
         (["demo", "--methods", "nope", "--synthetic", "--quick"], 1, "unknown method"),

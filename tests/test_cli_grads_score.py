@@ -79,6 +79,14 @@ def test_grads_then_score(tmp_path):
     ref = fastinf.DataInf().fit(store).score(store).float()
     torch.testing.assert_close(s, ref)
     p = cli(
+        "score", "--train", str(tmp_path / "st"), "--test", str(tmp_path / "st"), "--method", "exact",
+        "--damping", "dof", "--out", str(out),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    dof = fastinf.Exact(damping="dof").fit(store).score(store).float()  # a rule name reaches the estimator
+    torch.testing.assert_close(load_file(str(out))["scores"], dof)
+    assert not torch.allclose(dof, fastinf.Exact(damping="paper").fit(store).score(store).float(), rtol=1e-3)
+    p = cli(
         "score",
         "--train",
         str(tmp_path / "st"),
