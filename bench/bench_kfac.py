@@ -40,6 +40,7 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:  # the repositor
 import fastinf  # noqa: E402
 from bench import utils as bu  # noqa: E402
 from fastinf.eval import hf  # noqa: E402
+from fastinf.eval.experiments.common import mislabel_split, train_mislabel_model  # noqa: E402
 from fastinf.eval.experiments.mislabel import MislabelSettings  # noqa: E402
 from fastinf.eval.metrics import agreement, mislabel_auc  # noqa: E402
 from fastinf.eval.runner import run_gradient_methods  # noqa: E402
@@ -99,18 +100,12 @@ def import_kronfluence(path: str | None):
 
 # ------------------------------------------------------------------------------------ the demo model
 def train_demo(s: MislabelSettings, seed: int):
-    """The mislabel experiment's seed: data split, flips, the trained model (its code, replayed)."""
+    """The mislabel experiment's seed: data split, flips and the trained model, by the experiment's own functions."""
     from fastinf.data import rotten_tomatoes
 
     texts, labels = rotten_tomatoes()
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(texts))
-    tr_idx, te_idx = perm[: s.n_train], perm[s.n_train : s.n_train + s.n_test]
-    y_tr = labels[tr_idx].copy()
-    flipped = np.zeros(s.n_train, dtype=bool)
-    flipped[rng.choice(s.n_train, int(round(s.flip * s.n_train)), replace=False)] = True
-    y_tr[flipped] = 1 - y_tr[flipped]
+    tr_idx, te_idx, y_tr, flipped = mislabel_split(labels, s, seed)
     torch.manual_seed(seed)
     tok, net = hf.text_classifier("minilm", 2, s.lora_r)
 
@@ -120,19 +115,7 @@ def train_demo(s: MislabelSettings, seed: int):
     train_ds, test_ds = hf.TextDataset(enc(tr_idx), y_tr), hf.TextDataset(enc(te_idx), labels[te_idx])
     with tempfile.TemporaryDirectory(prefix="fastinf-bench-kfac-") as work:
         t0 = time.perf_counter()
-        hf.train_classifier(
-            net,
-            train_ds,
-            tok,
-            batch_size=s.batch_size,
-            epochs=s.epochs,
-            lr_lora=s.lr_lora,
-            lr_head=s.lr_head,
-            checkpoints_per_epoch=1,
-            seed=seed,
-            ck_dir=Path(work) / "checkpoints",
-            progress=False,
-        )
+        train_mislabel_model(net, train_ds, tok, s, seed, Path(work) / "checkpoints", progress=False)
         print(f"trained in {time.perf_counter() - t0:.0f} s", flush=True)
     return tok, net, train_ds, test_ds, flipped
 

@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 
+from .. import hf
 from ..runner import mean_std
 
 __all__ = [
     "mislabel_split",
+    "train_mislabel_model",
     "ExperimentResult",
     "aggregate_seeds",
     "failed_methods",
@@ -243,3 +245,23 @@ def mislabel_split(labels: np.ndarray, s: Any, seed: int) -> tuple[np.ndarray, n
     flipped[rng.choice(s.n_train, n_flip, replace=False)] = True
     y_tr[flipped] = 1 - y_tr[flipped]
     return tr_idx, te_idx, y_tr, flipped
+
+
+def train_mislabel_model(net: Any, train_ds: Any, tok: Any, s: Any, seed: int, ck_dir: Path, *, progress: bool = False):
+    """The mislabel recipe (``s``: a :class:`.mislabel.MislabelSettings`): :func:`fastinf.eval.hf.train_classifier`
+    with the settings' batch size, epochs, learning rates and checkpoints per epoch. The one place the recipe is
+    spelled out, so that the experiment, ``fastinf eval lds``'s retrained models and the benchmarks train alike.
+    Returns the checkpoints."""
+    return hf.train_classifier(
+        net,
+        train_ds,
+        tok,
+        batch_size=s.batch_size,
+        epochs=s.epochs,
+        lr_lora=s.lr_lora,
+        lr_head=s.lr_head,
+        checkpoints_per_epoch=s.checkpoints_per_epoch,
+        seed=seed,
+        ck_dir=ck_dir,
+        progress=progress,
+    )

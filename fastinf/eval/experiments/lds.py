@@ -42,7 +42,7 @@ from .. import hf
 from ..metrics import agreement, bootstrap_ci, lds, mislabel_auc
 from ..report import damping_section, plot_auc_vs_damping, section, write_report
 from ..runner import damping_sweep, run_gradient_methods, split_methods
-from .common import ExperimentResult, mislabel_split, prepare_report_dir, settings_dict
+from .common import ExperimentResult, mislabel_split, prepare_report_dir, settings_dict, train_mislabel_model
 from .mislabel import MislabelSettings
 
 __all__ = ["LDSSettings", "RetrainCache", "lds_demo", "lds_experiment"]
@@ -128,7 +128,7 @@ def _code_digest() -> str:
     import ast
 
     parts = []
-    for f in (hf.text_classifier, hf.train_classifier, hf.trainer_args, mislabel_split, _train):
+    for f in (hf.text_classifier, hf.train_classifier, hf.trainer_args, mislabel_split, train_mislabel_model, _train):
         tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
@@ -157,19 +157,7 @@ def _train(model, texts, labels, s: MislabelSettings, seed: int) -> tuple[Any, A
     ds = hf.TextDataset(tok(list(texts), truncation=True, max_length=s.max_length), labels)
     with tempfile.TemporaryDirectory(prefix="fastinf-lds-") as work:
         t0 = time.perf_counter()
-        hf.train_classifier(
-            net,
-            ds,
-            tok,
-            batch_size=s.batch_size,
-            epochs=s.epochs,
-            lr_lora=s.lr_lora,
-            lr_head=s.lr_head,
-            checkpoints_per_epoch=s.checkpoints_per_epoch,
-            seed=seed,
-            ck_dir=Path(work) / "checkpoints",
-            progress=False,
-        )
+        train_mislabel_model(net, ds, tok, s, seed, Path(work) / "checkpoints", progress=False)
         sec = time.perf_counter() - t0
     return tok, net, sec
 

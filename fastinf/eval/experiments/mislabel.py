@@ -64,6 +64,7 @@ from .common import (
     row_order,
     seed_meta,
     settings_dict,
+    train_mislabel_model,
 )
 
 __all__ = ["MislabelSettings", "mislabel_demo", "mislabel_experiment", "synthetic_mislabel_experiment"]
@@ -286,19 +287,7 @@ def _one_seed(texts, labels, s: MislabelSettings, grad_methods, trace_methods, s
     say(f"[seed {seed}] training: {s.n_train} examples ({n_flip} flipped), {s.epochs} epochs, LoRA r={s.lora_r}")
     with tempfile.TemporaryDirectory(prefix="fastinf-exp-") as work:
         t0 = time.perf_counter()
-        checkpoints = hf.train_classifier(
-            net,
-            train_ds,
-            tok,
-            batch_size=s.batch_size,
-            epochs=s.epochs,
-            lr_lora=s.lr_lora,
-            lr_head=s.lr_head,
-            checkpoints_per_epoch=s.checkpoints_per_epoch,
-            seed=seed,
-            ck_dir=Path(work) / "checkpoints",
-            progress=progress,
-        )
+        checkpoints = train_mislabel_model(net, train_ds, tok, s, seed, Path(work) / "checkpoints", progress=progress)
         meta["train_seconds"] = time.perf_counter() - t0
         test_loader = hf.text_loader(test_ds, tok, s.batch_size)
         train_eval = hf.text_loader(hf.TextDataset(train_ds.enc, labels[tr_idx]), tok, s.batch_size)
