@@ -12,8 +12,7 @@ API_MD = Path(__file__).resolve().parents[2] / "shared" / "design" / "API.md"
 
 # Names API.md lists that later issues add; each must still be missing (so that this list is
 # emptied as they land, and nothing here hides a name that exists).
-PLANNED = {
-}
+PLANNED = {}
 
 # Estimator and GradientSet members API.md promises (its code blocks name them on instances).
 ESTIMATOR_METHODS = ("fit", "score", "self_influence", "topk")

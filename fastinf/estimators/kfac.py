@@ -168,7 +168,7 @@ class KFAC(Estimator):
             return {k: Estimator.damping_for(self, [k]) for k in names}
         out = {}
         for k in names:
-            lam = self.options.damping_factor * float(self.eigenvalues_[k].mean())
+            lam = self.options.factor * float(self.eigenvalues_[k].mean())
             if not lam > 0:
                 raise ValueError(
                     f"{type(self).__name__}: damping='auto' gives λ = 0 for block {k!r} (its "

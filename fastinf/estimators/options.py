@@ -47,9 +47,12 @@ def check_damping(d: Any) -> float | str | tuple[str, dict[str, float]] | dict[s
         if d[0] == "gcv":
             raise ValueError(_GCV_AT_FIT)
         try:
-            return check_rule(d[0], d[1])
+            check_rule(d[0], d[1])
         except ValueError as e:
             raise ValueError(f"damping: {e}") from None
+        # the options as given: the rule's defaults are filled in at resolution (damping_rule), so that
+        # ("paper", {}) takes damping_factor as its c like damping="paper"
+        return (d[0], dict(d[1] or {}))
     if isinstance(d, Mapping):
         if not d:
             raise ValueError("damping: an empty dict names no block")
@@ -145,10 +148,9 @@ class EstimatorOptions:
 
     def __post_init__(self) -> None:
         self.damping = check_damping(self.damping)
-        self._factor_given = self.damping_factor is not None
-        if self.damping_factor is None:
-            self.damping_factor = PAPER_C
-        if not (_positive(self.damping_factor)):
+        # None = not given: kept as None (not replaced by 0.1) so that equality, repr and dataclasses.replace
+        # carry whether it was given, which decides what damping="auto" means (damping_rule)
+        if self.damping_factor is not None and not _positive(self.damping_factor):
             raise ValueError(f"damping_factor must be > 0, got {self.damping_factor!r}")
         self.dtype = _as_dtype(self.dtype, "dtype")
         if self.device is not None:
@@ -174,11 +176,16 @@ class EstimatorOptions:
         if not isinstance(d, (str, tuple)):
             return None
         if d == "auto":
-            rule, opts = ("paper", {}) if self._factor_given else default
+            rule, opts = ("paper", {}) if self.damping_factor is not None else default
         elif isinstance(d, str):
             rule, opts = d, {}
         else:
             rule, opts = d
         if rule == "paper" and "c" not in opts:
-            opts = {**opts, "c": self.damping_factor}
+            opts = {**opts, "c": self.factor}
         return check_rule(rule, opts)
+
+    @property
+    def factor(self) -> float:
+        """The papers' coefficient c: ``damping_factor``, or 0.1 (both papers) when it was not given."""
+        return PAPER_C if self.damping_factor is None else float(self.damping_factor)

@@ -381,6 +381,7 @@ class GradientStore(_CaptureMixin, GradientSet):
             ) from e
         self._verified.add(fname)
         self._buf, self._buf_bytes = [], 0
+        self._factors = None  # a new shard's sums and rows change the summed, normalised factors
 
     def _rewrite_shard(self, idx: int, blocks: Mapping[str, torch.Tensor], sums: Any = None) -> None:
         """Recompute shard ``idx`` in place (atomically) from freshly computed ``blocks`` (and factor sums)."""

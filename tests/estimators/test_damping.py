@@ -249,3 +249,24 @@ def test_estimator_damping_forms_are_validated():
 
 def test_spectrum_paper_lambda():
     assert Spectrum(n=4, width=5, sq_sum=2.0).paper_lambda == pytest.approx(0.1 * 2.0 / 20)
+
+
+def test_exact_auto_is_mean_eig_c10_and_an_explicit_factor_is_the_papers_rule():
+    """Exact()'s damping='auto' is λ = 10 · ‖P‖²_F / (n · min(n, D)) (written out, not read from the class);
+    damping_factor given (even 0.1) or damping='paper' is λ = c · ‖P‖²_F / (n · D). Whether the factor was
+    given survives equality, repr and dataclasses.replace, and ("paper", {}) takes the factor like 'paper'."""
+    import dataclasses
+
+    train = make_blocks(8, {"a": 5, "b": 7}, seed=11)
+    P = torch.cat([train["a"], train["b"]], 1).double()
+    n, D = P.shape
+    sq = float(P.square().sum())
+    assert fastinf.Exact().fit(train).lambdas_["a"] == pytest.approx(10 * sq / (n * min(n, D)), rel=1e-12)
+    for est in (fastinf.Exact(damping_factor=0.1), fastinf.Exact(damping="paper")):
+        assert est.fit(train).lambdas_["a"] == pytest.approx(0.1 * sq / (n * D), rel=1e-12)
+    assert fastinf.Exact().options != fastinf.Exact(damping_factor=0.1).options
+    kept = dataclasses.replace(fastinf.Exact().options, blockwise=False)
+    assert kept.damping_rule(fastinf.Exact.default_damping) == ("mean_eig", {"c": 10.0})
+    pair = fastinf.Exact(damping=("paper", {}), damping_factor=0.5).fit(train).lambdas_["a"]
+    assert pair == pytest.approx(fastinf.Exact(damping="paper", damping_factor=0.5).fit(train).lambdas_["a"])
+    assert pair == pytest.approx(0.5 * sq / (n * D), rel=1e-12)

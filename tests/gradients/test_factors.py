@@ -255,3 +255,17 @@ def test_distributed_capture_merges_factor_sums(tmp_path):
     out = run_distributed(_dist_capture, str(tmp_path / "d"), world_size=2)
     for _, f in out:  # every rank: the factors of all 5 batches (rank 0 took 3, rank 1 took 2)
         _assert_same_factors({k: (torch.from_numpy(a), torch.from_numpy(s)) for k, (a, s) in f.items()}, mem.factors)
+
+
+def test_store_factors_follow_rows_appended_after_a_read(tmp_path):
+    """Reading .factors and then appending (a resumed capture on the same object) must not keep the sums of
+    the earlier shards: after every flush the factors equal those of all rows written so far."""
+    col, loader = _setup()
+    fp = {**col.fingerprint(), "factors": True}
+    st = GradientStore.create(tmp_path / "s", fp, shard_bytes=1)
+    parts = [col.batch_gradients(b, factors=True) for b in loader]
+    for k, (g, sums) in enumerate(parts):
+        st.append(g, factors=sums)
+        st.flush()
+        want = col.collect(loader[: k + 1], progress=False, factors=True).factors
+        _assert_same_factors(st.factors, want)
