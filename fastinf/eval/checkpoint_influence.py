@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..estimators import get_estimator, method_info
+from ..estimators import KFAC, get_estimator, method_info
 from ..gradients import LoRAGradientCollector
 from ..gradients.losses import default_loss_fn
 from ..traces.checkpoints import swapped_checkpoints
@@ -41,6 +41,7 @@ __all__ = [
     "collect_with_losses",
     "collector_capture_options",
     "ensemble_key",
+    "needs_factors",
     "tracin_scores",
 ]
 
@@ -65,9 +66,16 @@ class _RecordingLoss:
 
 def collector_capture_options(collector: Any, factors: bool = True) -> dict[str, Any]:
     """``collect`` keyword arguments for a capture the K-FAC estimators can use: ``factors=True``
-    where the collector supports it (nothing otherwise)."""
+    where the collector supports it and captures full gradients (nothing otherwise: Kronecker factors
+    describe unprojected blocks)."""
     params = inspect.signature(collector.collect).parameters
-    return {"factors": True} if factors and "factors" in params else {}
+    full = getattr(collector, "projection", None) is None
+    return {"factors": True} if factors and full and "factors" in params else {}
+
+
+def needs_factors(methods: Sequence[str]) -> bool:
+    """Whether any of ``methods`` preconditions with the capture's Kronecker factors (K-FAC, EK-FAC)."""
+    return any(issubclass(method_info(m).cls, KFAC) for m in methods)
 
 
 def collect_with_losses(
@@ -82,14 +90,24 @@ def collect_with_losses(
     """Per-example gradients of every loader's examples and the losses they are the gradients of:
     ``([GradientSet per loader], [(n_k,) float64 losses per loader])``. ``collector_options`` go to
     :class:`~fastinf.gradients.LoRAGradientCollector` (e.g. ``include_modules_to_save=True``);
-    ``factors=True`` also captures K-FAC factors where the collector offers them."""
+    ``factors=True`` also captures K-FAC factors, for the first loader only (the training set: the only one
+    a K-FAC estimator fits on) and only where the collector offers them (full gradients).
+
+    Raises:
+        ValueError: the loss function recorded a number of losses other than one per example of a loader.
+    """
     rec = _RecordingLoss(loss_fn or default_loss_fn(model))
     col = LoRAGradientCollector(model, loss_fn=rec, **collector_options)
     opts = collector_capture_options(col, factors)
     grads, losses = [], []
-    for loader in loaders:
-        grads.append(col.collect(loader, progress=progress, **opts))
+    for k, loader in enumerate(loaders):
+        grads.append(col.collect(loader, progress=progress, **(opts if k == 0 else {})))
         losses.append(rec.take())
+        if losses[-1].numel() != grads[-1].n:
+            raise ValueError(
+                f"loader {k}: the loss function gave {losses[-1].numel()} per-example losses for "
+                f"{grads[-1].n} examples (it must return one loss per example, once per batch)"
+            )
     return grads, losses
 
 
@@ -201,7 +219,12 @@ def checkpoint_influence(
         for t in tqdm(swaps, total=len(cks), desc="checkpoint captures", unit="ckpt", disable=not progress):
             t0 = time.perf_counter()
             (gtr, gte), (l_tr, l_te) = collect_with_losses(
-                model, [train_loader, test_loader], loss_fn=loss_fn, progress=False, **dict(collector_options or {})
+                model,
+                [train_loader, test_loader],
+                loss_fn=loss_fn,
+                factors=needs_factors(methods),
+                progress=False,
+                **dict(collector_options or {}),
             )
             sec["capture"] += time.perf_counter() - t0
             ltr.append(l_tr)

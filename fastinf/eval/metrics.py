@@ -341,7 +341,7 @@ def bootstrap_ci(values: Any, *, n_boot: int = 2000, level: float = 0.95, seed: 
     a = _to_numpy(values, "values").astype(np.float64)
     if a.ndim != 1:
         raise ValueError(f"bootstrap_ci: values must be 1-D, got shape {a.shape}")
-    a = a[~np.isnan(a)]
+    a = a[np.isfinite(a)]
     if a.size == 0:
         raise ValueError("bootstrap_ci: no finite values")
     if not 0 < level < 1:

@@ -21,7 +21,7 @@ import torch
 
 from ...utils import pm, text_table, timed
 from .. import hf
-from ..checkpoint_influence import checkpoint_influence, collect_with_losses
+from ..checkpoint_influence import checkpoint_influence, collect_with_losses, needs_factors
 from ..metrics import agreement, class_detection
 from ..report import damping_section, lambda_text, plot_auc_vs_damping, plot_time_vs_auc, section, write_report
 from ..runner import (
@@ -304,7 +304,11 @@ def class_detection_experiment(
         tr_loader = torch.utils.data.DataLoader(tr_ds, batch_size=s.batch_size, collate_fn=collate)
         te_loader = torch.utils.data.DataLoader(te_ds, batch_size=s.batch_size, collate_fn=collate)
         say("capturing per-example gradients")
-        ((gtr, gte), _), sec, _ = timed(lambda: collect_with_losses(net, [tr_loader, te_loader], progress=progress))
+        ((gtr, gte), _), sec, _ = timed(
+            lambda: collect_with_losses(
+                net, [tr_loader, te_loader], factors=needs_factors(grad_methods), progress=progress
+            )
+        )
         meta.update(grad_seconds=sec, D=gtr.dim, blocks=len(gtr.names))
         out, exact = score_class_detection(gtr, gte, grad_methods, ytr, yte, s, progress)
         if s.checkpoint_methods:

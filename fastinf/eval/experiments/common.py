@@ -185,12 +185,14 @@ def aggregate_seeds(per_seed: list[dict], rows: list[str]) -> ExperimentResult:
             "spearman_with_exact": mean_std([r.get("spearman") for r in ok])[0],
             **{k: v for k, v in ok[0].items() if k in ("converged", "note", "diagnostics", "seeds", "rule")},
         }
+        if any("converged" in r for r in ok):  # converged only if it converged in every data seed
+            out[m]["converged"] = all(bool(r.get("converged", True)) for r in ok)
         lam = lambda_range([r.get("lambda") for r in ok])
         if lam is not None:
             out[m]["lambda"] = lam
         if len(ok) < len(recs):
             out[m]["failed_seeds"] = [
-                p["meta"]["seed"] for p, r in zip(per_seed, recs, strict=True) if not r.get("auc")
+                p["meta"]["seed"] for p, r in zip(per_seed, recs, strict=True) if r.get("auc") is None
             ]
     return out
 

@@ -13,7 +13,7 @@ import torch
 
 from ...integrations.diffusers import DenoisingLoss
 from ...utils import timed
-from ..checkpoint_influence import collect_with_losses
+from ..checkpoint_influence import collect_with_losses, needs_factors
 from ..runner import split_methods
 from .class_detection import (
     class_damping_sweep,
@@ -169,7 +169,13 @@ def diffusion_class_detection_experiment(
     cap_loss = DenoisingLoss(timesteps=s.timesteps, seed=seed, salt="influence")
     say(f"capturing per-example gradients at timesteps {list(s.timesteps)} (noise seeded per image)")
     ((gtr, gte), _), grad_sec, _ = timed(
-        lambda: collect_with_losses(unet, [tr_loader, te_loader], loss_fn=cap_loss, progress=progress)
+        lambda: collect_with_losses(
+            unet,
+            [tr_loader, te_loader],
+            loss_fn=cap_loss,
+            factors=needs_factors(grad_methods),
+            progress=progress,
+        )
     )
     ytr, yte = y[tr_idx].numpy(), y[te_idx].numpy()
     out, exact = score_class_detection(gtr, gte, grad_methods, ytr, yte, s, progress)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import inspect
 import io
 import json
@@ -39,6 +40,7 @@ from ...gradients import LoRAGradientCollector
 from ...traces import loss_table
 from ...utils import atomic_write, git_commit, loadavg, pm, text_table, timed, version_string, write_json
 from .. import hf
+from ..checkpoint_influence import collector_capture_options, needs_factors
 from ..metrics import agreement, bootstrap_ci, lds, mislabel_auc
 from ..report import damping_section, plot_auc_vs_damping, section, write_report
 from ..runner import damping_sweep, run_gradient_methods, split_methods
@@ -52,7 +54,6 @@ __all__ = ["LDSSettings", "RetrainCache", "lds_demo", "lds_experiment"]
 RECIPE_FIELDS = ("n_train", "n_test", "flip", "epochs", "batch_size", "max_length", "lora_r", "lr_lora", "lr_head")
 GCV_ROW = "exact (GCV λ)"
 LABEL_FREE_ROWS = ("exact (label-free λ)", "datainf (label-free λ)")
-FACTOR_METHODS = ("kfac", "ekfac")  # capture with factors=True when one of these is scored
 
 
 @dataclass
@@ -305,6 +306,9 @@ def lds_experiment(
         "model": model_id,
         "data": hashlib.sha256(json.dumps([list(texts), y.tolist()]).encode()).hexdigest()[:16],
         "code": _code_digest(),
+        # a retrained model depends on the software stack and the device too (never mixed in one table)
+        "software": {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft")},
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     cache = RetrainCache(cache_dir or default_cache_dir(), recipe)
     tr_idx, te_idx, y_tr, flipped = mislabel_split(y, s, seed)
@@ -340,7 +344,7 @@ def lds_experiment(
     test_loader = hf.text_loader(hf.TextDataset(enc(te_texts), y_te), tok, s.batch_size)
     col = LoRAGradientCollector(net, include_modules_to_save=True)
     # K-FAC-type methods need the blocks' Kronecker factors of the training set (METHODS.md §11)
-    kw = {"factors": True} if any(m in FACTOR_METHODS for m in grad_methods) else {}
+    kw = collector_capture_options(col, needs_factors(grad_methods))
     (gtr, gte), grad_sec, _ = timed(
         lambda: (col.collect(train_loader, progress=progress, **kw), col.collect(test_loader, progress=progress))
     )

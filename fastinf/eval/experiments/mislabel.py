@@ -25,7 +25,7 @@ import torch
 
 from ...utils import loadavg, pm, text_table, timed
 from .. import hf
-from ..checkpoint_influence import checkpoint_influence, collect_with_losses
+from ..checkpoint_influence import checkpoint_influence, collect_with_losses, needs_factors
 from ..metrics import agreement, detection_curve, mislabel_auc
 from ..report import (
     ROWS_NOTE,
@@ -297,7 +297,13 @@ def _one_seed(texts, labels, s: MislabelSettings, grad_methods, trace_methods, s
         train_loader = hf.text_loader(train_ds, tok, s.batch_size)
         opts = {"include_modules_to_save": True}
         ((gtr, gte), (loss_tr, _)), sec, _ = timed(
-            lambda: collect_with_losses(net, [train_loader, test_loader], progress=progress, **opts)
+            lambda: collect_with_losses(
+                net,
+                [train_loader, test_loader],
+                factors=needs_factors(grad_methods),
+                progress=progress,
+                **opts,
+            )
         )
         meta.update(grad_seconds=sec, D=gtr.dim, blocks=len(gtr.names))
         part = _score_gradients(gtr, gte, flipped, s, grad_methods, progress, say)
