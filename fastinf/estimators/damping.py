@@ -127,8 +127,8 @@ class Spectrum:
 RowsFn = Callable[[int, int], Iterable[tuple[int, GradientSet]]]
 
 
-def _cat(gs: GradientSet, group: Sequence[str]) -> torch.Tensor:
-    xs = [gs[k].to(torch.float64) for k in group]
+def _cat(gs: GradientSet, group: Sequence[str], device: Any = None) -> torch.Tensor:
+    xs = [gs[k].to(device=device, dtype=torch.float64) for k in group]
     return xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
 
 
@@ -158,6 +158,7 @@ def group_spectra(
     nsp = {g: n_space and width[g] > n for g in groups}
     if any(nsp.values()) and reduce is not None:
         raise ValueError("the n×n Gram pairs rows of different ranks; use the D×D form when distributed")
+    device = torch.device("cpu") if device is None else torch.device(device)
     kw = {"dtype": torch.float64, "device": device}
     H = {g: torch.zeros(width[g], width[g], **kw) for g in groups if not nsp[g]}
     K = {g: torch.zeros(n, n, **kw) for g in groups if nsp[g]}
@@ -166,7 +167,7 @@ def group_spectra(
     sq = torch.zeros(len(groups), **kw)
     for s, ch in rows(a, b):
         e = s + ch.n
-        X = {g: _cat(ch, g) for g in groups}
+        X = {g: _cat(ch, g, device) for g in groups}  # rows meet the matrices on their device
         for i, g in enumerate(groups):
             sq[i] += X[g].square().sum()
             if g in H:
@@ -179,7 +180,7 @@ def group_spectra(
             for s2, ch2 in rows(e, n):
                 e2 = s2 + ch2.n
                 for g in K:
-                    blk = X[g] @ _cat(ch2, g).T
+                    blk = X[g] @ _cat(ch2, g, device).T
                     K[g][s:e, s2:e2] = blk
                     K[g][s2:e2, s:e] = blk.T
     if reduce is not None:
@@ -469,6 +470,10 @@ def select_damping(
             tuple(g): Spectrum(n=n, width=sum(dims[k] for k in g), sq_sum=math.fsum(sums[k] for k in g)) for g in groups
         }
     else:
+        # groups are processed in batches whose matrices fit memory_budget together (one streamed pass each),
+        # so blockwise=True over hundreds of blocks never holds every block's Gram at once
+        batches: list[list[list[str]]] = [[]]
+        used = 0
         for g in groups:
             side = min(n, sum(dims[k] for k in g))
             need = 8 * side * side * (2 if rule == "gcv" else 1)
@@ -478,7 +483,14 @@ def select_damping(
                     f"({need / 2**30:.3g} GiB), more than memory_budget = {memory_budget / 2**30:.3g} GiB; "
                     "project the gradients, use blockwise=True, or raise memory_budget"
                 )
-        specs = group_spectra(rows, n, dims, groups, test_mean=tmean)
+            if batches[-1] and used + need > memory_budget:
+                batches.append([])
+                used = 0
+            batches[-1].append(g)
+            used += need
+        specs = {}
+        for batch in batches:  # the Grams are built where the rows are (a store's: CPU)
+            specs.update(group_spectra(rows, n, dims, batch, test_mean=tmean, device=train.device))
     zero = [k for g in groups if not specs[tuple(g)].sq_sum > 0 for k in g]
     if zero:
         shown = ", ".join(repr(k) for k in zero[:5])

@@ -114,6 +114,9 @@ def test_blockwise_is_each_blocks_own_rule():
                 train.select([k]), tst.select([k]) if tst is not None else None, rule=rule, **opts
             )
             assert got[k] == pytest.approx(one, rel=1e-12), (rule, k)
+        # a budget for one group's matrices at a time: the groups go in batches (a pass each), same λ
+        tight = fastinf.select_damping(train, tst, rule=rule, blockwise=True, memory_budget=8 * 11 * 11 * 2, **opts)
+        assert tight == pytest.approx(got, rel=1e-12), rule
 
 
 def test_store_equals_in_memory(tmp_path):
