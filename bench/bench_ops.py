@@ -552,6 +552,7 @@ def sweep(args) -> int:
     dev = torch.device("cuda")
     out_path = Path(args.out) if args.out else bu.RESULTS / "bench_ops_sweep.csv"
     rows = bu.RowBuilder(dev)
+    out = RowWriter(rows, out_path, args.append)  # row by row: a timeout keeps what was measured
 
     def run(case: Case, dt: torch.dtype, label: str, fn) -> None:
         common = dict(op=case.op, backend=f"triton[{label}]", shape=case.shape, dtype=str(dt)[6:])
@@ -559,11 +560,13 @@ def sweep(args) -> int:
             stats = _time(fn, dev, args)
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: a result of the sweep
             row = rows.add(**common, note=f"error: {type(e).__name__}: {str(e)[:200]}")
+            out.flush()
             print(f"{case.op:22s} {label:48s} {row['note']}", flush=True)
             return
-        med = stats.median
-        rows.add(**common, timing=stats, tflops=case.flop / med / 1e12)
-        print(f"{case.op:22s} {case.shape:30s} {label:48s} {med * 1e3:9.3f} ms {case.flop / med / 1e12:7.1f} TFLOP/s")
+        med, flop = stats.median, model(case, dt)["min"][1]
+        rows.add(**common, timing=stats, tflops=flop / med / 1e12)
+        out.flush()
+        print(f"{case.op:22s} {case.shape:30s} {label:48s} {med * 1e3:9.3f} ms {flop / med / 1e12:7.1f} TFLOP/s")
 
     bf = torch.bfloat16
     for m in (64, 512):
@@ -590,7 +593,7 @@ def sweep(args) -> int:
     ]:
         cfg = {"BLOCK_S": bs, "BLOCK_R": 16, "BLOCK_D": bd, "BLOCK_D_DY": bdy, "num_warps": w, "num_stages": st}
         run(case, bf, f"BS{bs} BD{bd} BDY{bdy} w{w} s{st}",
-            lambda a=args_l, cfg=cfg: lora_per_sample_grads_triton(*a, config=cfg))  # fmt: skip
+            lambda a=args_l, cfg=cfg: lora_per_sample_grads_triton(*a[:6], u=a[6], config=cfg))  # fmt: skip
     del args_l
     for n in (300, 5000):
         case = rrinf_case(1000, n, 100)
@@ -600,7 +603,6 @@ def sweep(args) -> int:
             cfg = {"BLOCK_N": bn, "BLOCK_M": bm, "num_warps": w}
             run(case, torch.float32, f"BN{bn} BM{bm} w{w}",
                 lambda a=args_r, cfg=cfg: rrinf_row_updates_triton(*a, config=cfg))  # fmt: skip
-    bu.write_csv(rows.rows, out_path, append=args.append)
     print(f"# wrote {len(rows.rows)} sweep rows to {out_path}", file=sys.stderr)
     return 0
 

@@ -122,6 +122,7 @@ print(ops.backends())
       if [ -f "$OUT_DIR/bench_ops.csv" ]; then
         timeout --kill-after=$KILL_AFTER "$SUMMARY_LIMIT" "$PY" bench/bench_ops.py --summary "$OUT_DIR/bench_ops.csv" \
           2>&1 | tee -a "$OUT_DIR/summary.txt"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1  # a crash of the table fails the check too
       else
         echo "# no bench_ops.csv: no summary table" | tee -a "$OUT_DIR/summary.txt"
       fi
