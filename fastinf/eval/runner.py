@@ -403,15 +403,17 @@ def run_baselines(
     return runs
 
 
-def label_free_damping(train: Any, test: Any = None, *, blockwise: bool = False) -> tuple[Any, str]:
-    """λ from the gradients alone with the default label-free rule
-    (:data:`fastinf.estimators.damping.LABEL_FREE_RULE`): ``(λ (a float, or {block: λ} when
-    blockwise), "rule(options)")``. ``test`` is used only by a rule that needs it (GCV)."""
+def label_free_damping(
+    train: Any, test: Any = None, *, blockwise: bool = False, rule: tuple[str, Mapping[str, float]] | None = None
+) -> tuple[Any, str]:
+    """λ from the gradients alone with ``rule`` (``(name, options)``; default the label-free default
+    :data:`fastinf.estimators.damping.LABEL_FREE_RULE`): ``(λ (a float, or {block: λ} when blockwise),
+    "rule(options)")``. ``test`` is used only by a rule that needs it (GCV)."""
     from ..estimators.damping import LABEL_FREE_RULE, select_damping
 
-    rule, opts = LABEL_FREE_RULE
-    lam = select_damping(train, test if rule == "gcv" else None, rule=rule, blockwise=blockwise, **opts)
-    text = rule + ("(" + ", ".join(f"{k}={v:g}" for k, v in opts.items()) + ")" if opts else "")
+    name, opts = rule or LABEL_FREE_RULE
+    lam = select_damping(train, test if name == "gcv" else None, rule=name, blockwise=blockwise, **opts)
+    text = name + ("(" + ", ".join(f"{k}={v:g}" for k, v in opts.items()) + ")" if opts else "")
     return lam, text
 
 
@@ -421,18 +423,21 @@ def run_label_free(
     methods: Sequence[str] = ("exact", "datainf"),
     *,
     reduce: str | None = "mean",
+    rule: tuple[str, Mapping[str, float]] | None = None,
+    suffix: str = "_label_free",
     progress: bool = True,
 ) -> dict[str, MethodRun]:
-    """``<method>_label_free`` runs: each method at λ from :func:`label_free_damping` (exact one global λ,
-    DataInf one λ per block). The λ (or [min, max] over blocks) and the rule are in ``info``; the
-    selection time is in the seconds. When the damping module is missing, the runs carry the error."""
+    """``<method><suffix>`` runs: each method at λ from :func:`label_free_damping` with ``rule`` (default
+    the label-free default; a global λ for a global method such as exact, one λ per block for a block-wise one
+    such as DataInf). The λ (or [min, max] over blocks) and the rule are in ``info``; the selection time is
+    in the seconds. A failing method records its error."""
     runs: dict[str, MethodRun] = {}
     for name in tqdm(list(methods), desc="label-free λ", unit="method", disable=not progress):
-        run = MethodRun(f"{name}_label_free")
+        run = MethodRun(f"{name}{suffix}")
         try:
-            blockwise = name != "exact"
-            (lam, rule), t_sel, _ = timed(
-                lambda blockwise=blockwise: label_free_damping(train, test, blockwise=blockwise)
+            blockwise = bool(getattr(get_estimator(name).options, "blockwise", False))
+            (lam, rule_text), t_sel, _ = timed(
+                lambda blockwise=blockwise: label_free_damping(train, test, blockwise=blockwise, rule=rule)
             )
             opts = {k: v for k, v in method_options(name).items() if k != "damping_factor"}
             opts["damping"] = lam
@@ -443,8 +448,8 @@ def run_label_free(
             run.scores, run.seconds, run.peak_mb = [sc.detach().cpu().double()], [sec + t_sel], mb
             vals = list(lam.values()) if isinstance(lam, Mapping) else [float(lam)]
             run.info["lambda"] = vals[0] if len(set(vals)) == 1 else [min(vals), max(vals)]
-            run.info["note"] = f"rule {rule}" + (", per block" if isinstance(lam, Mapping) else "")
-            run.info["rule"] = rule
+            run.info["note"] = f"rule {rule_text}" + (", per block" if isinstance(lam, Mapping) else "")
+            run.info["rule"] = rule_text
         except Exception as e:  # noqa: BLE001 - one failing method must not hide the others
             run.error = error_text(e)
         runs[run.name] = run

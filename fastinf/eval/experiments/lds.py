@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...estimators import available_methods, get_estimator
+from ...estimators import available_methods
 from ...gradients import LoRAGradientCollector
 from ...traces import loss_table
 from ...utils import atomic_write, git_commit, loadavg, pm, text_table, timed, version_string, write_json
@@ -43,7 +43,7 @@ from .. import hf
 from ..checkpoint_influence import collector_capture_options, needs_factors
 from ..metrics import agreement, bootstrap_ci, lds, mislabel_auc
 from ..report import damping_section, plot_auc_vs_damping, section, write_report
-from ..runner import damping_sweep, run_gradient_methods, split_methods
+from ..runner import damping_sweep, run_gradient_methods, run_label_free, split_methods
 from .common import ExperimentResult, mislabel_split, prepare_report_dir, settings_dict, train_mislabel_model
 from .mislabel import MislabelSettings
 
@@ -190,15 +190,6 @@ def _trained(cache: RetrainCache, name: str, model, texts, labels, s, seed, test
 
 
 # ------------------------------------------------------------------------------------ scoring
-def _select_damping():
-    """``(select_damping, (rule, options))``: fastinf's label-free λ and its default rule; None while absent."""
-    try:
-        from ...estimators.damping import LABEL_FREE_RULE, select_damping
-    except ImportError:
-        return None
-    return select_damping, LABEL_FREE_RULE
-
-
 def _row(scores: list[torch.Tensor], subsets, losses, flipped, L: LDSSettings, sec, extra=None) -> dict:
     """LDS (per seed, then the mean per test example over seeds), its interval and the mislabel AUC."""
     with warnings.catch_warnings(record=True) as caught:
@@ -219,29 +210,14 @@ def _row(scores: list[torch.Tensor], subsets, losses, flipped, L: LDSSettings, s
     return rec
 
 
-def _label_free_runs(gtr, gte, L: LDSSettings, say) -> dict[str, Any]:
-    """``{row: (scores list, seconds list, info) | error string}`` of the rows whose λ select_damping picks."""
-    sel = _select_damping()
-    rows = (GCV_ROW, *LABEL_FREE_ROWS)
-    if sel is None:
-        return dict.fromkeys(rows, "skipped: fastinf.estimators.damping.select_damping is not available")
-    fn, (free_rule, free_opts) = sel
-    plan = [(GCV_ROW, "exact", "gcv", {}), *[(r, r.split()[0], free_rule, free_opts) for r in LABEL_FREE_ROWS]]
-    out: dict[str, Any] = {}
-    for row, method, rule, opts in plan:
-        try:
-            blockwise = bool(getattr(get_estimator(method).options, "blockwise", False))
-            t0 = time.perf_counter()
-            lam = fn(gtr, gte if rule == "gcv" else None, rule=rule, blockwise=blockwise, **opts)
-            lam_sec = time.perf_counter() - t0
-            est = get_estimator(method, damping=lam if isinstance(lam, float) else dict(lam))
-            scores, sec, _ = timed(lambda est=est: est.fit(gtr).score(gte, reduce=None))
-            lam_info = lam if isinstance(lam, float) else [min(lam.values()), max(lam.values())]
-            rule_text = rule + "".join(f", {k}={v:g}" for k, v in opts.items()) + (", per block" if blockwise else "")
-            out[row] = ([scores.detach().cpu().double()], [sec + lam_sec], {"lambda": lam_info, "rule": rule_text})
-            say(f"{row}: rule {rule_text}: λ = {lam_info}")
-        except Exception as e:  # noqa: BLE001 - one failing row must not hide the others
-            out[row] = f"{type(e).__name__}: {' '.join(str(e).split())}"
+def _label_free_runs(gtr, gte, say) -> dict[str, Any]:
+    """The rows whose λ select_damping picks, as (m, n) runs: exact at the GCV λ and the label-free rows."""
+    gcv = run_label_free(gtr, gte, ["exact"], reduce=None, rule=("gcv", {}), progress=False)["exact_label_free"]
+    free = run_label_free(gtr, gte, [r.split()[0] for r in LABEL_FREE_ROWS], reduce=None, progress=False)
+    out = {GCV_ROW: gcv, **{row: free[f"{row.split()[0]}_label_free"] for row in LABEL_FREE_ROWS}}
+    for row, run in out.items():
+        if not run.error:
+            say(f"{row}: {run.info['note']}: λ = {run.info['lambda']}")
     return out
 
 
@@ -364,13 +340,13 @@ def lds_experiment(
         result[name] = _row(run.scores, masks, losses, flipped, L, run.seconds, info)
         scored[name] = run.scores
     if L.label_free:
-        for row, got in _label_free_runs(gtr, gte, L, say).items():
-            if isinstance(got, str):
-                key = "skipped" if got.startswith("skipped") else "error"
-                result[row] = {"lds": None, "auc": None, key: got}
+        for row, run in _label_free_runs(gtr, gte, say).items():
+            if run.error or not run.scores:
+                result[row] = {"lds": None, "auc": None, "error": run.error or "no scores"}
             else:
-                result[row] = _row(got[0], masks, losses, flipped, L, got[1], got[2])
-                scored[row] = got[0]
+                info = {k: run.info[k] for k in ("lambda", "rule") if k in run.info}
+                result[row] = _row(run.scores, masks, losses, flipped, L, run.seconds, info)
+                scored[row] = run.scores
     sweeps: dict[str, Any] = {}
     if L.sweeps:
         swept = [m for m in ("exact", "datainf") if m in grad_methods]
