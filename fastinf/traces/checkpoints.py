@@ -7,6 +7,7 @@ parameter names), a directory written by ``save_pretrained`` / the HF Trainer / 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -148,27 +149,13 @@ def loss_table(
     if len(batches) == 0:
         raise ValueError("loss_table: the dataloader yielded no batches")
     device = next(model.parameters()).device
-    sds = [load_checkpoint(ck) for ck in cks] if len(cks) <= 64 else None
-    first = sds[0] if sds else load_checkpoint(cks[0])
-    pmap = _param_map(model, first)
-    saved = {k: p.detach().clone() for k, p in pmap.items()}
     was_training = model.training
     rows = []
     bar = tqdm(total=len(cks) * len(batches), desc="loss table", unit="batch", disable=not progress)
     try:
         model.eval()
-        for t, ck in enumerate(cks):
-            sd = sds[t] if sds else load_checkpoint(ck)
-            if set(sd) != set(pmap):
-                raise ValueError(f"checkpoint {t} holds different tensors than checkpoint 0")
-            with torch.no_grad():
-                for k, p in pmap.items():
-                    v = sd[k]
-                    if tuple(v.shape) != tuple(p.shape):
-                        raise ValueError(
-                            f"checkpoint {t}: {k!r} has shape {tuple(v.shape)}, the model {tuple(p.shape)}"
-                        )
-                    p.copy_(v.to(device=p.device, dtype=p.dtype))
+        with contextlib.closing(swapped_checkpoints(model, cks)) as swaps, torch.no_grad():
+            for _ in swaps:
                 out = []
                 for b in batches:
                     bb = {kk: (vv.to(device) if isinstance(vv, torch.Tensor) else vv) for kk, vv in b.items()}
@@ -177,11 +164,8 @@ def loss_table(
                         raise ValueError("loss_fn must return per-example losses of shape (N,)")
                     out.append(losses.detach().to("cpu", torch.float64))
                     bar.update(1)
-            rows.append(torch.cat(out))
+                rows.append(torch.cat(out))
     finally:
-        with torch.no_grad():
-            for k, p in pmap.items():
-                p.copy_(saved[k])
         model.train(was_training)
         bar.close()
     return torch.stack(rows)
