@@ -111,22 +111,31 @@ def collect_with_losses(
     return grads, losses
 
 
-def _block_dots(train: Any, test: Any, reduce: str | None) -> torch.Tensor:
-    """Σ_blocks ⟨g(i), g(test)⟩ in float64: (n,) against the mean test gradient, or (m, n)."""
+def _block_dots(train: Any, test: Any, reduce: str | None, scale: Mapping[str, float] | None = None) -> torch.Tensor:
+    """Σ_blocks w_l ⟨g_l(i), g_l(test)⟩ in float64 (w_l = ``scale[l]``, default 1): (n,) against the mean test
+    gradient, or (m, n)."""
     total = None
     for name in train.names:
         x = train[name].to(torch.float64)
         t = test[name].to(torch.float64)
         part = x @ t.mean(0) if reduce == "mean" else t @ x.T
+        w = float((scale or {}).get(name, 1.0))
+        part = part if w == 1.0 else part * w
         total = part if total is None else total + part
     return total
 
 
 def tracin_scores(
-    train_sets: Sequence[Any], test_sets: Sequence[Any], learning_rates: Sequence[float], reduce: str | None = "mean"
+    train_sets: Sequence[Any],
+    test_sets: Sequence[Any],
+    learning_rates: Sequence[float],
+    reduce: str | None = "mean",
+    block_lr_scale: Mapping[str, float] | None = None,
 ) -> torch.Tensor:
     """TracIn-CP from gradients already captured at T checkpoints: −Σ_t η_t ⟨g_t(i), g_t(test)⟩ (float64;
     (n,) against the mean test gradient with ``reduce="mean"``, (m, n) with ``reduce=None``).
+    ``block_lr_scale``: block → its learning rate as a multiple of η_t (a parameter group trained at another
+    rate under the same schedule, e.g. a classifier head); the other blocks use η_t.
 
     Raises:
         ValueError: lengths differ, no checkpoints, or ``reduce`` not "mean"/None.
@@ -140,7 +149,7 @@ def tracin_scores(
         raise ValueError(f"reduce must be 'mean' or None, got {reduce!r}")
     out = None
     for tr, te, lr in zip(train_sets, test_sets, learning_rates, strict=True):
-        part = -float(lr) * _block_dots(tr, te, reduce)
+        part = -float(lr) * _block_dots(tr, te, reduce, block_lr_scale)
         out = part if out is None else out + part
     return out
 
@@ -178,6 +187,7 @@ def checkpoint_influence(
     damping: float | str = "auto",
     loss_fn: Callable | None = None,
     collector_options: Mapping[str, Any] | None = None,
+    block_lr_scale: Mapping[str, float] | None = None,
     skip_initial: bool = True,
     keep_per_checkpoint: bool = False,
     progress: bool = True,
@@ -189,8 +199,9 @@ def checkpoint_influence(
     −η_t ⟨g_t(i), g_t(test)⟩ and each method in ``methods`` fits and scores there (damping
     ``damping``). ``skip_initial``: the ensembles leave out checkpoint 0 when it is the untrained
     adapter (LoRA B = 0 makes every LoRA-A gradient zero, which a per-block λ cannot precondition);
-    TracIn keeps every checkpoint. The TracIn rows' seconds are the captures plus their products; an
-    ensemble's, its fits and scores (the captures are shared and reported as ``capture_seconds``).
+    TracIn keeps every checkpoint. ``block_lr_scale``: see :func:`tracin_scores`. The TracIn rows'
+    seconds are the captures plus their products; an ensemble's, its fits and scores (the captures are
+    shared and reported as ``capture_seconds``).
 
     Raises:
         ValueError: no checkpoints, one learning rate per checkpoint missing, a trace method in
@@ -230,8 +241,10 @@ def checkpoint_influence(
             ltr.append(l_tr)
             lte.append(l_te)
             t0 = time.perf_counter()
-            part = tracin_scores([gtr], [gte], [lrs[t]], reduce)
-            sq = sum(v.to(torch.float64) for v in gtr.sq_norms(torch.float64).values()) * lrs[t]
+            part = tracin_scores([gtr], [gte], [lrs[t]], reduce, block_lr_scale)
+            w = block_lr_scale or {}
+            sq = sum(v.to(torch.float64) * float(w.get(k, 1.0)) for k, v in gtr.sq_norms(torch.float64).items())
+            sq = sq * lrs[t]
             acc["tracin"] = part if acc["tracin"] is None else acc["tracin"] + part
             acc["self"] = sq if acc["self"] is None else acc["self"] + sq
             sec["tracin"] += time.perf_counter() - t0
@@ -256,7 +269,8 @@ def checkpoint_influence(
             del gtr, gte
     used = len(cks) - first_ens
     tracin.scores, tracin.seconds = [acc["tracin"]], [sec["capture"] + sec["tracin"]]
-    tracin.info["note"] = f"T={len(cks)} checkpoints, η_t = the LoRA learning rate at t"
+    scaled = f", {len(block_lr_scale)} block(s) at their own multiple of it" if block_lr_scale else ""
+    tracin.info["note"] = f"T={len(cks)} checkpoints, η_t = the LoRA learning rate at t{scaled}"
     tracin_self.scores, tracin_self.seconds = [acc["self"]], list(tracin.seconds)
     tracin_self.info["note"] = "Σ_t η_t‖g_t(i)‖² (no test set)"
     for m, run in ens.items():

@@ -314,6 +314,24 @@ def test_tracin_cp_and_checkpoint_ensemble_equal_independent_computations():
     assert torch.allclose(ens, (res.per_checkpoint["exact"][0] + res.per_checkpoint["exact"][1]) / 2, rtol=1e-12)
     # loss tables come with the captures: the losses at each checkpoint, (T, n)
     assert res.train_losses.shape == (2, 7) and res.test_losses.shape == (2, 3)
+    # a head trained at 10× the LoRA rate: its blocks weighted by 10 η_t, the others by η_t
+    head = {k: 10.0 for k in hand_tr[0] if "modules_to_save" in k}
+    assert head and len(head) < len(hand_tr[0])
+    scaled = checkpoint_influence(
+        net, cks, tr_loader, te_loader, learning_rates=lrs, methods=[], skip_initial=False,
+        collector_options={"include_modules_to_save": True}, block_lr_scale=head, progress=False,
+    )  # fmt: skip
+    expect = -sum(
+        lr * sum(head.get(k, 1.0) * (h_tr[k] @ h_te[k].mean(0)) for k in h_tr)
+        for lr, h_tr, h_te in zip(lrs, hand_tr, hand_te, strict=True)
+    )
+    got = scaled.runs["tracin_cp"].scores[0]
+    assert torch.allclose(got, expect, rtol=1e-4, atol=1e-6 * float(expect.abs().max()))
+    assert not torch.allclose(got, res.runs["tracin_cp"].scores[0], rtol=1e-3)
+    self_expect = sum(
+        lr * sum(head.get(k, 1.0) * h[k].square().sum(1) for k in h) for lr, h in zip(lrs, hand_tr, strict=True)
+    )
+    assert torch.allclose(scaled.runs["tracin_cp_self"].scores[0], self_expect, rtol=1e-4)
 
 
 @needs_hf

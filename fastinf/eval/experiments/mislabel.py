@@ -321,7 +321,8 @@ def _one_seed(texts, labels, s: MislabelSettings, grad_methods, trace_methods, s
                 checkpoints,
                 train_loader,
                 test_loader,
-                learning_rates=checkpoints.learning_rates,
+                learning_rates=checkpoints.learning_rates,  # the LoRA group's; the head trains at lr_head
+                block_lr_scale={k: s.lr_head / s.lr_lora for k in gtr.names if "modules_to_save" in k},
                 methods=[m for m in s.ensemble_methods if m in grad_methods],
                 reduce="mean",
                 damping=s.damping,
