@@ -147,11 +147,9 @@ def _run(args: argparse.Namespace) -> int:
         return int(args._command.run(args) or 0)
 
 
-DAMPING_HELP = (
-    "'auto' (each method's default: the label-free 'mean_eig' rule for exact, the papers' 0.1 × mean squared "
-    "gradient entry for the others), a rule ('paper', 'mean_eig', 'dof'; METHODS.md §10) or an absolute λ"
-)
+DAMPING_HELP = "'auto' (each method's default rule), a rule ('paper', 'mean_eig', 'dof'; METHODS.md §10) or λ"
 
+DEMO_DAMPING_HELP = "λ of the plain method rows: 'auto' (the papers' rule), a rule or an absolute λ"
 # library option -> the command-line flag that sets it (for error messages)
 _FLAGS = {"overwrite": "--overwrite", "allow_incomplete": "--allow-incomplete", "allow_mismatch": "--allow-mismatch"}
 
@@ -285,14 +283,7 @@ class DemoCommand(Command):
         )
         parser.add_argument("--bif", action="store_true", help="also the BIF (SGLD traces: minutes per data seed)")
         parser.add_argument("--methods", type=_methods, metavar="LIST", help="comma-separated methods (default: all)")
-        parser.add_argument(
-            "--damping",
-            type=_damping,
-            default="auto",
-            metavar="LAMBDA",
-            help="λ of the plain method rows: 'auto' (the papers' 0.1 × mean squared gradient entry; the "
-            "'(label-free λ)' rows add the label-free rule), a rule ('paper', 'mean_eig', 'dof') or an absolute λ",
-        )
+        parser.add_argument("--damping", type=_damping, default="auto", metavar="LAMBDA", help=DEMO_DAMPING_HELP)
         parser.add_argument("--quick", action="store_true", help="smaller run (CI smoke test)")
         parser.add_argument("--synthetic", action="store_true", help="the synthetic task (tiny LoRA MLP; seconds)")
         parser.add_argument(
@@ -362,31 +353,9 @@ class EvalCommand(Command):
         lds.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help="retrained models (~/.cache)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from .eval import lds_demo, run_task
+        from .eval import run_task
+        from .eval.experiments import LDS_OPTIONS
 
-        lds_only = {
-            k: getattr(args, k) for k in ("subsets", "fraction", "subset_seed", "n_train", "n_test", "cache_dir")
-        }
-        if args.task == "lds":
-            other = [
-                k for k in ("classes", "per_class", "per_class_test", "grad_field") if getattr(args, k) is not None
-            ]
-            if other:
-                raise CommandError(f"{', '.join('--' + k.replace('_', '-') for k in other)} do not apply to lds")
-            opts = {k: v for k, v in lds_only.items() if v is not None}
-            result = lds_demo(
-                quick=args.quick,
-                seed=args.seed,
-                methods=args.methods,
-                report_dir=args.report_dir or Path("fastinf-report-lds"),
-                progress=not args.no_progress,
-                log=lambda msg: print(msg, flush=True),
-                **opts,
-            )
-            return _print_result(self.name, result)
-        given = [k for k, v in lds_only.items() if v is not None]
-        if given:
-            raise CommandError(f"{', '.join('--' + k.replace('_', '-') for k in given)} apply to lds only")
         result = run_task(
             args.task,
             quick=args.quick,
@@ -399,6 +368,7 @@ class EvalCommand(Command):
             report_dir=args.report_dir,
             progress=not args.no_progress,
             log=lambda msg: print(msg, flush=True),
+            **{k: getattr(args, k) for k in LDS_OPTIONS},
         )
         return _print_result(self.name, result)
 

@@ -263,14 +263,14 @@ def test_cli_eval_lds_passes_its_options_and_refuses_the_other_tasks(capsys, mon
         res.summary_text = "LDS table"
         return res
 
-    monkeypatch.setattr(fastinf.eval, "lds_demo", fake)
+    monkeypatch.setattr(fastinf.eval.experiments.lds, "lds_demo", fake)
     argv = ["eval", "lds", "--subsets", "40", "--fraction", "0.4", "--cache-dir", str(tmp_path), "--no-progress"]
     assert cli.main(argv) == 0
     assert "LDS table" in capsys.readouterr().out
     assert seen["subsets"] == 40 and seen["fraction"] == 0.4 and seen["cache_dir"] == tmp_path
     assert seen["progress"] is False and "n_train" not in seen  # unset options keep the library's defaults
-    for argv, needle in ((["eval", "lds", "--classes", "3"], "--classes do not apply to lds"),
-                         (["eval", "mislabel", "--subsets", "3"], "--subsets apply to lds only")):  # fmt: skip
+    for argv, needle in ((["eval", "lds", "--classes", "3"], "classes do not apply to the lds task"),
+                         (["eval", "mislabel", "--subsets", "3"], "subsets apply to the lds task only")):  # fmt: skip
         assert cli.main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and needle in err, err

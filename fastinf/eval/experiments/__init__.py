@@ -36,7 +36,8 @@ __all__ = [
     "synthetic_mislabel_experiment",
 ]
 
-TASKS = ("mislabel", "math", "gsm", "digits")
+TASKS = ("mislabel", "math", "gsm", "digits", "lds")
+LDS_OPTIONS = ("subsets", "fraction", "subset_seed", "n_train", "n_test", "cache_dir")
 
 
 def run_task(
@@ -52,9 +53,13 @@ def run_task(
     report_dir: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    **lds_options: Any,
 ) -> ExperimentResult:
     """Run the named task on the bundled data (``fastinf eval <task>``); the report goes to
     ``report_dir`` (default ``fastinf-report-<task>``).
+
+    ``lds``: :func:`.lds.lds_demo`, which alone takes ``lds_options`` (``subsets``, ``fraction``,
+    ``subset_seed``, ``n_train``, ``n_test``, ``cache_dir``; None keeps its default).
 
     Sizes (``quick`` in brackets): math 4 classes × 45 train / 10 test per class (12 / 3, 1 epoch);
     gsm 8 templates × 20 / 5 (12 / 3); digits 20 / 5 images per digit on a UNet trained on 1200
@@ -67,18 +72,25 @@ def run_task(
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     out = report_dir if report_dir is not None else Path(f"fastinf-report-{task}")
+    lds_given = {k: v for k, v in lds_options.items() if v is not None}
+    unknown = sorted(set(lds_options) - set(LDS_OPTIONS))
+    if unknown:
+        raise ValueError(f"run_task: unknown option(s) {', '.join(unknown)}")
+    if task != "lds" and lds_given:
+        raise ValueError(f"{', '.join(lds_given)} apply to the lds task only")
+    class_opts = {"classes": classes, "per_class": per_class, "per_class_test": per_class_test}
+    given = [k for k, v in {**class_opts, "grad_field": grad_field}.items() if v is not None]
+    if task in ("mislabel", "lds") and given:
+        raise ValueError(f"{', '.join(given)} do not apply to the {task} task")
+    if task == "lds":
+        from . import lds
+
+        return lds.lds_demo(
+            quick=quick, seed=seed, methods=methods, report_dir=out, progress=progress, log=log, **lds_given
+        )
     if methods is not None and "exact" not in methods:
         methods = ["exact", *methods]  # the reference of the correlations
     if task == "mislabel":
-        unused = {
-            "classes": classes,
-            "per_class": per_class,
-            "per_class_test": per_class_test,
-            "grad_field": grad_field,
-        }
-        given = [k for k, v in unused.items() if v is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} do not apply to the mislabel task")
         return mislabel_demo(quick=quick, seed=seed, methods=methods, report_dir=out, progress=progress, log=log)
     if task == "digits":
         return _digits(quick, seed, methods, per_class, per_class_test, out, progress, log)
