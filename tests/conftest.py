@@ -63,9 +63,34 @@ def auto_lambda(train, group, factor=0.1):
 def setup():
     """The store tests' model and data: a tiny LoRA Llama and 4 right-padded batches (3, 3, 3, 1 examples)."""
     pytest.importorskip("peft")
-    from test_collector import _llama, _lm_examples, _pad
+    from test_collector import _llama
 
     model = _llama(torch.float32)
-    ex = _lm_examples(10, seed=3)
-    loader = [_pad(ex[i : i + 3], "right") for i in range(0, 10, 3)]
+    ex = lm_examples(10, seed=3)
+    loader = [pad_lm_batch(ex[i : i + 3], "right") for i in range(0, 10, 3)]
     return model, loader
+
+
+def lm_examples(n, seed=0):
+    """n token sequences of lengths 3..9 with their labels (the first third of each, the prompt, is -100)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        L = 3 + (i * 5) % 7
+        ids = torch.randint(1, 97, (L,), generator=g)
+        labels = ids.clone()
+        labels[: L // 3] = -100  # prompt tokens not in the loss
+        out.append((ids, labels))
+    return out
+
+
+def pad_lm_batch(examples, side):
+    """(ids, labels) pairs padded to one batch on the ``side`` ("left" or "right"), with the attention mask."""
+    L = max(len(e[0]) for e in examples)
+    ids = torch.zeros(len(examples), L, dtype=torch.long)
+    labels = torch.full((len(examples), L), -100)
+    mask = torch.zeros(len(examples), L, dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        sl = slice(L - len(x), L) if side == "left" else slice(0, len(x))
+        ids[i, sl], labels[i, sl], mask[i, sl] = x, y, 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import lm_examples, pad_lm_batch
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -49,47 +50,24 @@ def _llama(dtype):
     return tiny_lora_llama(dtype=dtype, pad_token_id=0, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.2)
 
 
-def _lm_examples(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        L = 3 + (i * 5) % 7
-        ids = torch.randint(1, 97, (L,), generator=g)
-        labels = ids.clone()
-        labels[: L // 3] = -100  # prompt tokens not in the loss
-        out.append((ids, labels))
-    return out
-
-
-def _pad(examples, side):
-    L = max(len(e[0]) for e in examples)
-    ids = torch.zeros(len(examples), L, dtype=torch.long)
-    labels = torch.full((len(examples), L), -100)
-    mask = torch.zeros(len(examples), L, dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        sl = slice(L - len(x), L) if side == "left" else slice(0, len(x))
-        ids[i, sl], labels[i, sl], mask[i, sl] = x, y, 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
 def test_llama_gqa_left_padding_matches_loop(dtype, rtol):
     model = _llama(dtype)
-    ex = _lm_examples(5)
+    ex = lm_examples(5)
     col = LoRAGradientCollector(model, dtype=dtype)
     assert any("k_proj.lora_B" in n for n in col.block_names)  # GQA: k/v are narrower than q
-    got = col.collect([_pad(ex[:3], "left"), _pad(ex[3:], "left")], progress=False)
-    ref = loop_gradients(model, causal_lm_loss, [_pad([e], "right") for e in ex], col.block_names)
+    got = col.collect([pad_lm_batch(ex[:3], "left"), pad_lm_batch(ex[3:], "left")], progress=False)
+    ref = loop_gradients(model, causal_lm_loss, [pad_lm_batch([e], "right") for e in ex], col.block_names)
     assert_grads_equal(got, ref, rtol)
     assert got.n == 5
 
 
 def test_batch_size_and_padding_side_invariance():
     model = _llama(torch.float64)
-    ex = _lm_examples(6, seed=1)
+    ex = lm_examples(6, seed=1)
     col = LoRAGradientCollector(model, dtype=torch.float64)
-    a = col.collect([_pad(ex, "left")], progress=False)
-    b = col.collect([_pad(ex[i : i + 2], "right") for i in range(0, 6, 2)], progress=False)
+    a = col.collect([pad_lm_batch(ex, "left")], progress=False)
+    b = col.collect([pad_lm_batch(ex[i : i + 2], "right") for i in range(0, 6, 2)], progress=False)
     for n in a.names:
         torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-12)
 
@@ -130,8 +108,8 @@ def test_gpt2_conv1d_fan_in_fan_out_matches_loop():
     g = torch.Generator().manual_seed(4)
     ex = [(torch.randint(0, 50, (L,), generator=g),) * 2 for L in (5, 8, 3)]
     col = LoRAGradientCollector(model, dtype=torch.float64)
-    got = col.collect([_pad(ex, "right")], progress=False)
-    ref = loop_gradients(model, causal_lm_loss, [_pad([e], "right") for e in ex], col.block_names)
+    got = col.collect([pad_lm_batch(ex, "right")], progress=False)
+    ref = loop_gradients(model, causal_lm_loss, [pad_lm_batch([e], "right") for e in ex], col.block_names)
     assert_grads_equal(got, ref, 1e-9)
 
 
@@ -183,11 +161,11 @@ def test_denoising_noise_depends_on_index_and_salt_not_batch():
 
 def test_projection_preserves_inner_products():
     model = _llama(torch.float64)
-    ex = _lm_examples(8, seed=2)
-    full = LoRAGradientCollector(model, dtype=torch.float64).collect([_pad(ex, "right")], progress=False)
+    ex = lm_examples(8, seed=2)
+    full = LoRAGradientCollector(model, dtype=torch.float64).collect([pad_lm_batch(ex, "right")], progress=False)
     k = 2048
     proj = LoRAGradientCollector(model, dtype=torch.float64, projection=k, projection_seed=1)
-    small = proj.collect([_pad(ex, "right")], progress=False)
+    small = proj.collect([pad_lm_batch(ex, "right")], progress=False)
     assert all(d == k for d in small.dims.values())
     for n in full.names:
         G, P = full[n] @ full[n].T, small[n] @ small[n].T
@@ -195,7 +173,7 @@ def test_projection_preserves_inner_products():
         # JL: |⟨Pu, Pv⟩ − ⟨u, v⟩| ≲ c·‖u‖‖v‖/√k (c ≈ 4 covers every pair at this size)
         assert float(((P - G).abs() / torch.outer(norms, norms)).max()) < 4 / k**0.5, n
     again = LoRAGradientCollector(model, dtype=torch.float64, projection=k, projection_seed=1)
-    assert torch.equal(again.collect([_pad(ex, "right")], progress=False)[n], small[n])  # seeded
+    assert torch.equal(again.collect([pad_lm_batch(ex, "right")], progress=False)[n], small[n])  # seeded
 
 
 def test_clear_errors():
@@ -206,7 +184,7 @@ def test_clear_errors():
     col = LoRAGradientCollector(model)
     with pytest.raises(ValueError, match="no batches"):
         col.collect([], progress=False)
-    batch = _pad(_lm_examples(2), "right")
+    batch = pad_lm_batch(lm_examples(2), "right")
     del batch["labels"]
     with pytest.raises(ValueError, match="labels"):
         col.collect([batch], progress=False)

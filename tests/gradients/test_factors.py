@@ -5,6 +5,7 @@ merged by a distributed capture."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lm_examples, pad_lm_batch
 
 pytest.importorskip("peft")
 pytest.importorskip("safetensors")
@@ -14,29 +15,6 @@ from fastinf import distributed  # noqa: E402
 from fastinf.gradients.losses import DenoisingLoss, causal_lm_loss, sequence_classification_loss  # noqa: E402
 from fastinf.gradients.store import GradientStore, StoreError  # noqa: E402
 from fastinf.testing import lora_config, run_distributed, tiny_lora_llama, tiny_lora_roberta, tiny_unet2d  # noqa: E402
-
-
-def _pad(examples, side):
-    L = max(len(e[0]) for e in examples)
-    ids = torch.zeros(len(examples), L, dtype=torch.long)
-    labels = torch.full((len(examples), L), -100)
-    mask = torch.zeros(len(examples), L, dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        sl = slice(L - len(x), L) if side == "left" else slice(0, len(x))
-        ids[i, sl], labels[i, sl], mask[i, sl] = x, y, 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def _lm_examples(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        L = 3 + (i * 5) % 7
-        ids = torch.randint(1, 97, (L,), generator=g)
-        labels = ids.clone()
-        labels[: L // 3] = -100
-        out.append((ids, labels))
-    return out
 
 
 def loop_factors(model, loss_fn, singles, names):
@@ -110,10 +88,10 @@ def _check(got, want_factors, want_rows, grads):
 
 def test_llama_left_padding_factors_match_per_token_loop():
     model = tiny_lora_llama(dtype=torch.float64, pad_token_id=0, target_modules=["q_proj", "k_proj", "v_proj"])
-    ex = _lm_examples(5)
+    ex = lm_examples(5)
     col = fastinf.LoRAGradientCollector(model, dtype=torch.float64)
-    got = col.collect([_pad(ex[:3], "left"), _pad(ex[3:], "left")], progress=False, factors=True)
-    want, rows = loop_factors(model, causal_lm_loss, [_pad([e], "right") for e in ex], col.block_names)
+    got = col.collect([pad_lm_batch(ex[:3], "left"), pad_lm_batch(ex[3:], "left")], progress=False, factors=True)
+    want, rows = loop_factors(model, causal_lm_loss, [pad_lm_batch([e], "right") for e in ex], col.block_names)
     assert set(got.factors) == set(col.block_names)
     _check(got.factors, want, rows, got)
     # the padding matters: with the pad tokens counted, A would differ
@@ -171,7 +149,7 @@ def test_unet_conv_and_linear_lora_factors_match_per_position_loop(timesteps):
 
 def test_factors_refused_with_projection_and_kept_by_views():
     model = tiny_lora_llama(target_modules=["q_proj"])
-    batches = [_pad(_lm_examples(3), "right")]
+    batches = [pad_lm_batch(lm_examples(3), "right")]
     with pytest.raises(ValueError, match="projection=None"):
         fastinf.LoRAGradientCollector(model, projection=8).collect(batches, progress=False, factors=True)
     gs = fastinf.LoRAGradientCollector(model).collect(batches, progress=False, factors=True)
@@ -192,8 +170,8 @@ def _setup():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    ex = _lm_examples(14, seed=3)
-    loader = [_pad(ex[i : i + 3], "right") for i in range(0, 14, 3)]  # 5 batches, padded
+    ex = lm_examples(14, seed=3)
+    loader = [pad_lm_batch(ex[i : i + 3], "right") for i in range(0, 14, 3)]  # 5 batches, padded
     return fastinf.LoRAGradientCollector(model), loader
 
 
