@@ -341,7 +341,9 @@ class LoRAGradientCollector:
             if sums is not None:  # A block: input x, δ = Bᵀ dy; B block: input u = A x, δ = dy (METHODS.md §11)
                 xr, dr = kf.token_rows(x, mask), kf.token_rows(d, mask)
                 dt = torch.promote_types(xr.dtype, torch.float32)
-                ur, vr = xr.to(dt) @ A.detach().to(dt).T, dr.to(dt) @ B.detach().to(dt)
+                vr = dr.to(dt) @ B.detach().to(dt)
+                # u = A x: the hooked one where there is one (not recomputed), its masked token rows like x's
+                ur = kf.token_rows(u, mask).to(dt) if u is not None else xr.to(dt) @ A.detach().to(dt).T
                 # LoRA layers fed the same input (q and v of one attention) share Σxxᵀ: computed once per batch
                 key = (r["x"].data_ptr(), tuple(r["x"].shape), r["x"].dtype) if not isinstance(a, nn.Conv2d) else None
                 xx = self._xx_cache.get(key) if key is not None else None
